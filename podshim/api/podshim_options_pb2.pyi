@@ -1,0 +1,43 @@
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Mapping as _Mapping, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Options(_message.Message):
+    __slots__ = ("binary_name", "root", "systemd_cgroup", "shim_cgroup", "io_uid", "io_gid", "isolation", "vm", "debug")
+    BINARY_NAME_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    SYSTEMD_CGROUP_FIELD_NUMBER: _ClassVar[int]
+    SHIM_CGROUP_FIELD_NUMBER: _ClassVar[int]
+    IO_UID_FIELD_NUMBER: _ClassVar[int]
+    IO_GID_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
+    VM_FIELD_NUMBER: _ClassVar[int]
+    DEBUG_FIELD_NUMBER: _ClassVar[int]
+    binary_name: str
+    root: str
+    systemd_cgroup: bool
+    shim_cgroup: str
+    io_uid: int
+    io_gid: int
+    isolation: str
+    vm: VMOptions
+    debug: bool
+    def __init__(self, binary_name: _Optional[str] = ..., root: _Optional[str] = ..., systemd_cgroup: bool = ..., shim_cgroup: _Optional[str] = ..., io_uid: _Optional[int] = ..., io_gid: _Optional[int] = ..., isolation: _Optional[str] = ..., vm: _Optional[_Union[VMOptions, _Mapping]] = ..., debug: bool = ...) -> None: ...
+
+class VMOptions(_message.Message):
+    __slots__ = ("memory_mib", "vcpus", "kernel_path", "initrd_path", "max_memory_mib", "max_vcpus")
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    VCPUS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    INITRD_PATH_FIELD_NUMBER: _ClassVar[int]
+    MAX_MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    MAX_VCPUS_FIELD_NUMBER: _ClassVar[int]
+    memory_mib: int
+    vcpus: int
+    kernel_path: str
+    initrd_path: str
+    max_memory_mib: int
+    max_vcpus: int
+    def __init__(self, memory_mib: _Optional[int] = ..., vcpus: _Optional[int] = ..., kernel_path: _Optional[str] = ..., initrd_path: _Optional[str] = ..., max_memory_mib: _Optional[int] = ..., max_vcpus: _Optional[int] = ...) -> None: ...
