@@ -1,0 +1,115 @@
+"""The small interface every isolation backend (runc, host, vm) implements.
+
+The task and exec layers own states, waiters and events; a backend only makes processes
+happen somewhere and reports their exits.  One ``Backend`` serves a whole pod (or one
+standalone task); it makes ``Container``s, and a container makes ``Process``es.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from podshim.system.mounts import Mount
+from podshim.system.stdio import StdioConfig
+
+ExitCallback = Callable[[int, float], None]
+"""Called once with (exit status, unix time of the exit)."""
+
+
+class ProcessGone(Exception):
+    """The process is not running any more (runc: "container not running")."""
+
+
+@dataclass
+class ContainerRequest:
+    """What Create hands a backend: the bundle, its parsed spec and the client's stdio."""
+
+    id: str
+    bundle: str
+    spec: dict[str, Any]
+    rootfs: list[Mount]
+    stdio: StdioConfig
+    namespace: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Process(abc.ABC):
+    """One process: a container's init, or an exec."""
+
+    pid: int = 0
+
+    @abc.abstractmethod
+    async def start(self, on_exit: ExitCallback) -> int:
+        """Run it; return its host pid.  on_exit may fire before this returns."""
+
+    @abc.abstractmethod
+    async def kill(self, signal: int) -> None:
+        """Signal it; raise ProcessGone if it has exited."""
+
+    @abc.abstractmethod
+    def resize(self, width: int, height: int) -> None: ...
+
+    @abc.abstractmethod
+    def close_stdin(self) -> None: ...
+
+    @abc.abstractmethod
+    async def drain(self) -> None:
+        """Wait, bounded, for the process's output to reach the client."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release stdio and whatever else the process holds.  Idempotent."""
+
+
+class Container(abc.ABC):
+    id: str
+    init: Process
+
+    @property
+    @abc.abstractmethod
+    def shares_pid_namespace(self) -> bool:
+        """True when the init's exit does not take its descendants with it (spec §5.4)."""
+
+    @abc.abstractmethod
+    async def new_exec(self, exec_id: str, process_spec: dict[str, Any], stdio: StdioConfig) -> Process: ...
+
+    @abc.abstractmethod
+    async def kill_all(self, signal: int) -> None:
+        """Signal every process of the container."""
+
+    @abc.abstractmethod
+    async def pause(self) -> None: ...
+
+    @abc.abstractmethod
+    async def resume(self) -> None: ...
+
+    @abc.abstractmethod
+    async def update(self, resources_json: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def pids(self) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def stats(self) -> tuple[str, bytes]:
+        """(type url, encoded metrics)."""
+
+    @abc.abstractmethod
+    async def delete(self) -> None:
+        """Remove the container and its rootfs mounts.  Idempotent."""
+
+
+class Backend(abc.ABC):
+    """An isolation mode, for one pod or one standalone task."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def create_container(self, req: ContainerRequest) -> Container:
+        """Create (not start) a container; its init process exists with a real pid on return."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release what the backend holds for the whole pod (a VM, a holder process)."""

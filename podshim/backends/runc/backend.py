@@ -1,0 +1,331 @@
+"""Process isolation: containers run by runc on this host (spec §3, §5)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from podshim import errdefs
+from podshim.backends.base import Backend, Container, ContainerRequest, ExitCallback, Process, ProcessGone
+from podshim.backends.runc.runc import Runc, RuncError, read_pid_file
+from podshim.system import mounts
+from podshim.system.cgroups import Cgroup, OOMWatcher, v1_metrics, v2_metrics
+from podshim.system.reaper import REAPER, Exit
+from podshim.system.stdio import ProcessIO, StdioConfig
+
+V1_METRICS_URL = "io.containerd.cgroups.v1.Metrics"
+V2_METRICS_URL = "io.containerd.cgroups.v2.Metrics"
+
+
+@dataclass(frozen=True)
+class RuncSettings:
+    binary: str = "runc"
+    root: str = "/run/containerd/runc"
+    systemd_cgroup: bool = False
+    no_pivot_root: bool = False
+    no_new_keyring: bool = False
+    io_uid: int = 0
+    io_gid: int = 0
+
+
+class _RuncProcess(Process):
+    """Exit bookkeeping shared by init and execs: an exit may come before start() returns."""
+
+    def __init__(self, pio: ProcessIO | None) -> None:
+        self.pio = pio
+        self._exit: Exit | None = None
+        self._on_exit: ExitCallback | None = None
+        self._stdin_closed = False
+
+    def _claim(self, pid: int) -> None:
+        self.pid = pid
+        REAPER.claim(pid, self._exited)
+
+    def _exited(self, ex: Exit) -> None:
+        self._exit = ex
+        if self._on_exit is not None:
+            cb, self._on_exit = self._on_exit, None
+            cb(ex.status, ex.at)
+
+    def _arm(self, on_exit: ExitCallback) -> None:
+        if self._exit is not None:
+            on_exit(self._exit.status, self._exit.at)
+        else:
+            self._on_exit = on_exit
+
+    def resize(self, width: int, height: int) -> None:
+        if self.pio is not None:
+            self.pio.resize(width, height)
+
+    def close_stdin(self) -> None:
+        self._stdin_closed = True
+        if self.pio is not None:
+            self.pio.close_stdin()
+
+    async def drain(self) -> None:
+        if self.pio is not None:
+            await self.pio.drain()
+
+    async def close(self) -> None:
+        if self.pid and self._exit is None:
+            REAPER.unclaim(self.pid)
+        if self.pio is not None:
+            await self.pio.close()
+
+
+class RuncInit(_RuncProcess):
+    def __init__(self, container: RuncContainer, pio: ProcessIO, pid: int) -> None:
+        super().__init__(pio)
+        self.container = container
+        self._claim(pid)
+
+    async def start(self, on_exit: ExitCallback) -> int:
+        self._arm(on_exit)
+        await self.container.runc.start(self.container.id)
+        self.container.started(self.pid)
+        return self.pid
+
+    async def kill(self, signal: int) -> None:
+        if self._exit is not None:
+            raise ProcessGone()
+        try:
+            await self.container.runc.kill(self.container.id, signal)
+        except RuncError as e:
+            if self._exit is not None or "not running" in str(e) or "does not exist" in str(e):
+                raise ProcessGone() from e
+            raise
+
+
+class RuncExec(_RuncProcess):
+    def __init__(
+        self, container: RuncContainer, exec_id: str, spec: dict[str, Any], stdio: StdioConfig
+    ) -> None:
+        super().__init__(None)
+        self.container = container
+        self.exec_id = exec_id
+        self.spec = spec
+        self.stdio = stdio
+
+    async def start(self, on_exit: ExitCallback) -> int:
+        c = self.container
+        s = c.backend.settings
+        # The FIFOs are opened at Start, not at Exec, as runc-v2 does: ctr only arms its
+        # CloseIO once Exec has returned, so a client that has all its stdin at once would
+        # otherwise hit EOF first and never close our end.
+        self.pio = await ProcessIO.open(
+            self.stdio, container_id=c.id, namespace=c.req.namespace, io_uid=s.io_uid, io_gid=s.io_gid
+        )
+        if self._stdin_closed:
+            self.pio.close_stdin()
+        try:
+            return await self._start(on_exit)
+        except BaseException:
+            # The client waits for EOF on its FIFOs after a failed start: let it come.
+            await self.pio.close()
+            raise
+
+    async def _start(self, on_exit: ExitCallback) -> int:
+        c = self.container
+        assert self.pio is not None
+        pid_file = os.path.join(c.bundle, f"{self.exec_id}.pid")
+        fd, spec_path = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=c.bundle)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.spec, f)
+            console = self.pio.listen_console() if self.pio.console_socket_path else None
+            with REAPER.expecting():
+                try:
+                    await c.runc.exec(
+                        c.id,
+                        spec_path,
+                        pid_file,
+                        console_socket=self.pio.console_socket_path,
+                        stdio_fds=self.pio.child_stdio,
+                    )
+                except BaseException:
+                    if console is not None:
+                        console.cancel()
+                    raise
+                if console is not None:
+                    self.pio.attach_console(await console)
+                self.pio.started()
+                self._claim(read_pid_file(pid_file))
+                self._arm(on_exit)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(spec_path)
+        return self.pid
+
+    async def kill(self, signal: int) -> None:
+        if self._exit is not None or not self.pid:
+            raise ProcessGone()
+        try:
+            os.kill(self.pid, signal)
+        except ProcessLookupError as e:
+            raise ProcessGone() from e
+
+    async def close(self) -> None:
+        await super().close()
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.container.bundle, f"{self.exec_id}.pid"))
+
+
+class RuncContainer(Container):
+    def __init__(self, backend: RuncBackend, req: ContainerRequest, runc: Runc) -> None:
+        self.backend = backend
+        self.id = req.id
+        self.bundle = req.bundle
+        self.req = req
+        self.runc = runc
+        self.cgroup: Cgroup | None = None
+        self._mounted = False
+        self._deleted = False
+
+    @property
+    def rootfs(self) -> str:
+        return os.path.join(self.bundle, "rootfs")
+
+    @property
+    def shares_pid_namespace(self) -> bool:
+        for ns in self.req.spec.get("linux", {}).get("namespaces", []) or []:
+            if ns.get("type") == "pid":
+                return bool(ns.get("path"))
+        return True
+
+    async def create(self) -> None:
+        s = self.backend.settings
+        if self.req.rootfs:
+            mounts.mount_all(self.req.rootfs, self.rootfs)
+            self._mounted = True
+        pio: ProcessIO | None = None
+        try:
+            pio = await ProcessIO.open(
+                self.req.stdio,
+                container_id=self.id,
+                namespace=self.req.namespace,
+                io_uid=s.io_uid,
+                io_gid=s.io_gid,
+            )
+            console = pio.listen_console() if pio.console_socket_path else None
+            pid_file = os.path.join(self.bundle, "init.pid")
+            with REAPER.expecting():
+                try:
+                    await self.runc.create(
+                        self.id,
+                        self.bundle,
+                        pid_file,
+                        console_socket=pio.console_socket_path,
+                        no_pivot=s.no_pivot_root,
+                        no_new_keyring=s.no_new_keyring,
+                        stdio_fds=pio.child_stdio,
+                    )
+                except BaseException:
+                    if console is not None:
+                        console.cancel()
+                    raise
+                if console is not None:
+                    pio.attach_console(await console)
+                pio.started()
+                self.init = RuncInit(self, pio, read_pid_file(pid_file))
+        except BaseException:
+            if pio is not None:
+                await pio.close()
+            with contextlib.suppress(Exception):
+                await self.runc.delete(self.id, force=True)
+            self._unmount()
+            raise
+
+    def started(self, pid: int) -> None:
+        self.cgroup = Cgroup.of_pid(pid)
+        if self.cgroup is not None:
+            self.backend.oom.add(self.id, self.cgroup)
+
+    async def new_exec(self, exec_id: str, process_spec: dict[str, Any], stdio: StdioConfig) -> Process:
+        return RuncExec(self, exec_id, process_spec, stdio)
+
+    async def kill_all(self, signal: int) -> None:
+        try:
+            await self.runc.kill(self.id, signal, all=True)
+        except RuncError as e:
+            if "does not exist" in str(e) or "not running" in str(e):
+                return  # runc kill --all on a stopped container succeeds (spec §7.2)
+            raise
+
+    async def pause(self) -> None:
+        await self.runc.pause(self.id)
+
+    async def resume(self) -> None:
+        await self.runc.resume(self.id)
+
+    async def update(self, resources_json: bytes) -> None:
+        await self.runc.update(self.id, resources_json)
+
+    async def pids(self) -> list[int]:
+        return await self.runc.ps(self.id)
+
+    async def stats(self) -> tuple[str, bytes]:
+        from google.protobuf import json_format
+
+        cg = self.cgroup
+        if cg is None or not cg.exists():
+            raise errdefs.NotFound("cgroup does not exist")
+        if cg.v2:
+            from podshim.api import cgroups_v2_pb2
+
+            return V2_METRICS_URL, json_format.ParseDict(
+                v2_metrics(cg), cgroups_v2_pb2.Metrics()
+            ).SerializeToString()
+        from podshim.api import cgroups_v1_pb2
+
+        return V1_METRICS_URL, json_format.ParseDict(
+            v1_metrics(cg), cgroups_v1_pb2.Metrics()
+        ).SerializeToString()
+
+    async def delete(self) -> None:
+        if self._deleted:
+            return
+        self.backend.oom.remove(self.id)
+        try:
+            await self.runc.delete(self.id)
+        except RuncError as e:
+            if "does not exist" not in str(e):
+                raise
+        self._deleted = True
+        await self.init.close()
+        self._unmount()
+
+    def _unmount(self) -> None:
+        if self._mounted:
+            mounts.unmount_all(self.rootfs)
+            self._mounted = False
+
+
+class RuncBackend(Backend):
+    name = "process"
+
+    def __init__(self, settings: RuncSettings, namespace: str, on_oom: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.namespace = namespace
+        self.oom = OOMWatcher(on_oom)
+
+    def runc_for(self, bundle: str) -> Runc:
+        s = self.settings
+        return Runc(
+            binary=s.binary,
+            root=os.path.join(s.root, self.namespace),
+            log=os.path.join(bundle, "log.json"),
+            systemd_cgroup=s.systemd_cgroup,
+        )
+
+    async def create_container(self, req: ContainerRequest) -> Container:
+        c = RuncContainer(self, req, self.runc_for(req.bundle))
+        await c.create()
+        return c
+
+    async def close(self) -> None:
+        self.oom.close()
