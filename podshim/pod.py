@@ -1,0 +1,156 @@
+"""The pod: a sandbox task plus workload tasks, with the seed's rules (seed: shimPod).
+
+Every rule returns the seed's errdefs kind.  The isolation backend is chosen once, from the
+sandbox spec, and shared by every task of the pod.
+
+When the sandbox's init exits (killed from outside, or stopped by CRI) the pod SIGKILLs its
+workloads: they joined the sandbox's namespaces, and a pod without its sandbox is dead to
+the kubelet, which will recreate it.  This is what the seed's hypervisor-isolated pods do when
+their utility VM goes away, applied to every isolation mode, so that nothing is orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from podshim import errdefs, oci
+from podshim.backends.base import Backend, ContainerRequest
+from podshim.events import Publisher
+from podshim.oci import ContainerType
+from podshim.process import ExecState, ExitInfo
+from podshim.task import Task
+
+log = logging.getLogger(__name__)
+
+TaskFactory = Callable[[Backend, ContainerRequest, Publisher], Awaitable[Task]]
+
+
+class Pod:
+    def __init__(self, pod_id: str, sandbox: Task, backend: Backend, events: Publisher,
+                 task_factory: TaskFactory) -> None:  # fmt: skip
+        self.id = pod_id
+        self.sandbox = sandbox
+        self.backend = backend
+        self.events = events
+        self._task_factory = task_factory
+        self.workloads: dict[str, Task] = {}
+        self._creating: set[str] = set()
+        self._watcher: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def create(
+        cls,
+        req: ContainerRequest,
+        backend_for: Callable[[ContainerRequest], Backend],
+        events: Publisher,
+        task_factory: TaskFactory = Task.create,
+    ) -> Pod:
+        """The seed's createPod: validate the sandbox, pick the backend, create the sandbox task."""
+        kind, sid = oci.sandbox_type_and_id(req.spec)
+        if kind is not ContainerType.SANDBOX:
+            raise errdefs.FailedPrecondition(
+                f"expected annotation: '{oci.CONTAINER_TYPE}': 'sandbox' got '{kind.value}'"
+            )
+        if sid != req.id:
+            raise errdefs.FailedPrecondition(
+                f"expected annotation '{oci.SANDBOX_ID}': '{req.id}' got '{sid}'"
+            )
+        backend = backend_for(req)
+        try:
+            sandbox = await task_factory(backend, req, events)
+        except BaseException:
+            # The seed's deferred parent.Close(): nothing made for the pod outlives a failed create.
+            await backend.close()
+            raise
+        return cls(req.id, sandbox, backend, events, task_factory)
+
+    def watch_sandbox(self) -> None:
+        """Once the sandbox runs, its exit tears the workloads down."""
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._on_sandbox_exit())
+
+    async def _on_sandbox_exit(self) -> None:
+        await self.sandbox.init.wait()
+        if self.sandbox.init.state is ExecState.CREATED:
+            return  # a failed start, not an exit
+        live = [t for t in self.workloads.values() if t.init.state is ExecState.RUNNING]
+        if live:
+            log.info("sandbox %s exited: killing %d workload(s)", self.id, len(live))
+            await asyncio.gather(*(t.kill("", 9, True) for t in live), return_exceptions=True)
+
+    # -- the seed's shimPod interface -----------------------------------------------------------
+
+    async def create_task(self, req: ContainerRequest) -> Task:
+        if req.id == self.id:
+            raise errdefs.AlreadyExists(f"task with id: '{req.id}' already exists")
+        if self.sandbox.init.state is not ExecState.RUNNING:
+            raise errdefs.FailedPrecondition(
+                f"task with id: '{req.id}' cannot be created in pod: '{self.id}' which is not running"
+            )
+        if req.id in self.workloads or req.id in self._creating:
+            raise errdefs.AlreadyExists(f"task with id: '{req.id}' already exists in pod: '{self.id}'")
+        kind, sid = oci.sandbox_type_and_id(req.spec)
+        if kind is not ContainerType.CONTAINER:
+            raise errdefs.FailedPrecondition(
+                f"expected annotation: '{oci.CONTAINER_TYPE}': 'container' got '{kind.value}'"
+            )
+        if sid != self.id:
+            raise errdefs.FailedPrecondition(
+                f"expected annotation '{oci.SANDBOX_ID}': '{self.id}' got '{sid}'"
+            )
+        self._creating.add(req.id)
+        try:
+            task = await self._task_factory(self.backend, req, self.events)
+        finally:
+            self._creating.discard(req.id)
+        self.workloads[req.id] = task
+        return task
+
+    def get_task(self, tid: str) -> Task:
+        if tid == self.id:
+            return self.sandbox
+        task = self.workloads.get(tid)
+        if task is None:
+            raise errdefs.NotFound(f"task with id: '{tid}' not found")
+        return task
+
+    def list_tasks(self) -> list[Task]:
+        return [self.sandbox, *self.workloads.values()]
+
+    async def kill_task(self, tid: str, eid: str, signal: int, all: bool) -> None:
+        task = self.get_task(tid)
+        if all and eid:
+            raise errdefs.FailedPrecondition(f"cannot signal all with non empty ExecID: '{eid}'")
+        if all and tid == self.id:
+            # Kill-all on the sandbox: every workload concurrently, the sandbox last.
+            results = await asyncio.gather(
+                *(w.kill(eid, signal, all) for w in list(self.workloads.values())), return_exceptions=True
+            )
+            await task.kill(eid, signal, all)
+            for r in results:
+                if isinstance(r, BaseException) and not isinstance(r, errdefs.NotFound):
+                    raise r
+            return
+        await task.kill(eid, signal, all)
+
+    async def delete_task(self, tid: str) -> ExitInfo:
+        """Delete a task's container; a workload's id is then free for reuse.  The sandbox task
+        stays tracked, and queryable, until the shim exits."""
+        task = self.get_task(tid)
+        if task.init.state is ExecState.RUNNING:
+            raise errdefs.FailedPrecondition("cannot delete task with running exec")
+        info = await task.delete("")
+        if tid != self.id:
+            self.workloads.pop(tid, None)
+        return info
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.workloads) or self.sandbox.init.state is not ExecState.DELETED
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await self.backend.close()
