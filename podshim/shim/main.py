@@ -1,0 +1,190 @@
+"""``containerd-shim-podshim-v1``: the ``start`` and ``delete`` actions containerd runs, and
+the server that ``start`` forks (spec §1)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from podshim import oci, options
+from podshim.shim import address
+
+VERSION = "0.1.0"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    # Go flag style: one dash, the value in the next argument (spec §1.2).
+    p = argparse.ArgumentParser(prog="containerd-shim-podshim-v1", allow_abbrev=False, add_help=False)
+    p.add_argument("-namespace", default="")
+    p.add_argument("-address", default="")
+    p.add_argument("-publish-binary", dest="publish_binary", default="containerd")
+    p.add_argument("-id", default="")
+    p.add_argument("-bundle", default="")
+    p.add_argument("-socket", default="")
+    p.add_argument("-debug", action="store_true")
+    p.add_argument("-v", dest="version", action="store_true")
+    p.add_argument("action", nargs="?", default="")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.version:
+        print(f"containerd-shim-podshim-v1 version {VERSION}")
+        sys.exit(0)
+    if args.action == "start":
+        sys.exit(start(args))
+    if args.action == "delete":
+        sys.exit(delete(args))
+    print(f"unknown action {args.action!r}: containerd runs 'start' and 'delete'", file=sys.stderr)
+    sys.exit(2)
+
+
+def _read_spec(bundle: str) -> dict[str, object]:
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            spec = json.load(f)
+        return spec if isinstance(spec, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def start(args: argparse.Namespace) -> int:
+    bundle = os.getcwd()
+    spec = _read_spec(bundle)
+    key = oci.grouping_key(spec, args.id)
+    path = args.socket or address.socket_path(args.address, args.namespace, key, bundle)
+    addr = "unix://" + path
+    sock = address.listen(path)
+    if sock is None:
+        # A live shim serves this pod already: this container lands on it.
+        address.write_address_file(bundle, addr)
+        sys.stdout.write(addr)
+        return 0
+    stdin_opts = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
+    start_options = options.decode_stdin(stdin_opts)
+    address.write_address_file(bundle, addr)
+    # Fork rather than exec: the child inherits an interpreter with everything imported.
+    import podshim.shim.daemon  # noqa: F401 - warm the imports before forking
+
+    pid = os.fork()
+    if pid == 0:
+        _run_server(sock, args, path, bundle, start_options)
+    sock.close()
+    _adopt(pid, start_options)
+    sys.stdout.write(addr)
+    sys.stdout.flush()
+    return 0
+
+
+def _run_server(
+    sock: socket.socket, args: argparse.Namespace, path: str, bundle: str, start_options: options.ShimOptions
+) -> None:
+    """The forked child: detach from containerd's pipes and session, then serve until shutdown."""
+    code = 1
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        # Whatever containerd (or its parent) leaked to us would be held for the shim's life.
+        fd = sock.detach()
+        if fd != 3:
+            os.dup2(fd, 3)
+            os.close(fd)
+        sock = socket.socket(fileno=3)
+        os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+        from podshim.shim import daemon
+
+        daemon.setup_logging(bundle, args.debug)
+        code = asyncio.run(
+            daemon.serve(sock, namespace=args.namespace, socket_path=path, start_options=start_options)
+        )
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _adopt(pid: int, opts: options.ShimOptions) -> None:
+    """What runc-v2's start does for its server: shim cgroup, and oom_score_adj one above containerd's."""
+    if opts.shim_cgroup:
+        with contextlib.suppress(OSError):
+            _join_cgroup(pid, opts.shim_cgroup)
+    try:
+        with open(f"/proc/{os.getppid()}/oom_score_adj") as f:
+            parent_score = int(f.read().strip())
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(min(parent_score + 1, 1000)))
+    except (OSError, ValueError):
+        pass
+
+
+def _join_cgroup(pid: int, cgroup: str) -> None:
+    from podshim.system.cgroups import CGROUP_ROOT, unified_host
+
+    if unified_host():
+        dirs = [os.path.join(CGROUP_ROOT, cgroup.lstrip("/"))]
+    else:
+        dirs = [
+            os.path.join(CGROUP_ROOT, c, cgroup.lstrip("/"))
+            for c in os.listdir(CGROUP_ROOT)
+            if os.path.isdir(os.path.join(CGROUP_ROOT, c)) and c != "unified"
+        ]
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+
+
+def delete(args: argparse.Namespace) -> int:
+    """Clean up one container after containerd lost it or deleted it: idempotent, under 5 s,
+    and never touching a server that still serves other containers (spec §1.5)."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from podshim.api import task_pb2
+    from podshim.backends.runc.runc import default_root
+    from podshim.system import mounts
+
+    bundle = args.bundle or os.getcwd()
+    try:
+        with open(os.path.join(bundle, "options.json")) as f:
+            opts = options.ShimOptions.from_json(f.read())
+    except (OSError, ValueError):
+        opts = options.ShimOptions()
+    root = default_root(args.namespace, opts.root)
+    argv = [opts.binary_name or "runc", "--root", root, "--log", os.path.join(bundle, "log.json"),
+            "--log-format", "json", "delete", "--force", args.id]  # fmt: skip
+    try:
+        res = subprocess.run(argv, capture_output=True, timeout=3.5, check=False)
+        if res.returncode != 0 and b"does not exist" not in res.stderr:
+            sys.stderr.write(f"runc delete --force {args.id}: {res.stderr.decode(errors='replace')}\n")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        sys.stderr.write(f"runc delete --force {args.id}: {e}\n")
+    try:
+        mounts.unmount_all(os.path.join(bundle, "rootfs"))
+    except OSError as e:
+        sys.stderr.write(f"unmount rootfs: {e}\n")
+    spec = _read_spec(bundle)
+    key = oci.grouping_key(spec, args.id)
+    address.remove_if_dead(address.socket_path(args.address, args.namespace, key, bundle))
+    pid = 0
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(bundle, "init.pid")) as f:
+        pid = int(f.read().strip())
+    ts = Timestamp()
+    ts.FromNanoseconds(time.time_ns())
+    resp = task_pb2.DeleteResponse(pid=pid, exit_status=128 + 9, exited_at=ts)
+    sys.stdout.buffer.write(resp.SerializeToString())
+    sys.stdout.flush()
+    return 0
