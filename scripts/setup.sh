@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Set up a Debian 12 (bookworm) machine for podshim development and tests, as root. Idempotent:
+# a second run installs nothing and takes a second or two.
+#   1. Debian packages: containerd, runc, busybox-static (the e2e test image is built from it),
+#      CNI plugins, iproute2, util-linux (unshare/mount for the tests' private mount namespace),
+#      gcc + libc6-dev, python3-venv.
+#   2. .venv with `pip install -e '.[dev]'` (the pins live in pyproject.toml); redone only when
+#      pyproject.toml changes.
+#
+# containerd: the tests never use a system containerd, they start private ones. Debian's package
+# ships only a systemd unit (no init script), so on a machine without systemd (no
+# /run/systemd/system) installing it starts nothing. On a systemd machine its postinst enables and
+# starts containerd.service; if this script is what installed the package, it stops and disables
+# that service again, so setup leaves no daemon behind. An already-installed containerd is left alone.
+#
+# env: PYTHON (python3) = interpreter for the venv; must be 3.11.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+PYTHON=${PYTHON:-python3}
+log() { echo "[setup $(date +%T)] $*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh: run as root (apt-get, and the e2e tests need root too)" >&2
+  exit 1
+fi
+
+# --- 1. Debian packages -------------------------------------------------------------------------
+PACKAGES=(containerd runc busybox-static containernetworking-plugins iproute2 util-linux gcc libc6-dev
+          python3 python3-venv)
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+missing=()
+for p in "${PACKAGES[@]}"; do installed "$p" || missing+=("$p"); done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  had_containerd=0; installed containerd && had_containerd=1
+  systemd=0; [ -d /run/systemd/system ] && systemd=1
+  was_active=0
+  if [ $systemd = 1 ] && systemctl is-active --quiet containerd.service 2>/dev/null; then was_active=1; fi
+
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+  if [ $had_containerd = 0 ] && [ $systemd = 1 ] && [ $was_active = 0 ]; then
+    log "stopping and disabling the containerd.service that the package just started"
+    systemctl stop containerd.service >/dev/null 2>&1 || true
+    systemctl disable containerd.service >/dev/null 2>&1 || true
+  fi
+else
+  log "Debian packages present"
+fi
+
+for b in containerd ctr runc containerd-shim-runc-v2 unshare mount; do
+  command -v "$b" >/dev/null || { echo "setup.sh: $b not found after install" >&2; exit 1; }
+done
+[ -x /bin/busybox ] || { echo "setup.sh: /bin/busybox missing (busybox-static)" >&2; exit 1; }
+
+# --- 2. Python venv -----------------------------------------------------------------------------
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+  echo "setup.sh: $PYTHON is not Python 3.11 (set PYTHON=...)" >&2
+  exit 1
+fi
+if [ -x .venv/bin/python ] && ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  log "recreating .venv (wrong or broken interpreter)"
+  rm -rf .venv
+fi
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv with $("$PYTHON" --version)"
+  "$PYTHON" -m venv .venv
+fi
+
+stamp=.venv/.podshim-setup-stamp
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x .venv/bin/containerd-shim-podshim-v1 ]; then
+  log "pip install -e '.[dev]'"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e "$REPO[dev]"
+  echo "$want" > "$stamp"
+else
+  log ".venv up to date"
+fi
+
+log "done"
