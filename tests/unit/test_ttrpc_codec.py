@@ -81,9 +81,10 @@ def test_byte_by_byte_feed() -> None:
     data = CONNECT_FRAME + CONNECT_REPLY
     for i in range(len(data)):
         events += decoder.feed(data[i : i + 1])
-    assert [type(e) for e in events] == [Frame, Frame]
-    assert events[0].payload == CONNECT_FRAME[HEADER_SIZE:]
-    assert events[1].payload == CONNECT_REPLY[HEADER_SIZE:]
+    assert events == [
+        Frame(3, MSG_REQUEST, 0, CONNECT_FRAME[HEADER_SIZE:]),
+        Frame(3, MSG_RESPONSE, 0, CONNECT_REPLY[HEADER_SIZE:]),
+    ]
     assert decoder.buffered == 0
 
 

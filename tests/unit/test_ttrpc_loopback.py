@@ -16,7 +16,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
 from podshim import errdefs
-from podshim.api import task_pb2
+from podshim.api import task_pb2, task_types_pb2
 from podshim.errdefs import Code
 from podshim.ttrpc.client import Client
 from podshim.ttrpc.codec import (
@@ -44,9 +44,7 @@ StateResp = task_pb2.StateResponse
 class BoundedClient(Client):
     """A client whose calls fail instead of hanging when the server misbehaves."""
 
-    async def call(  # type: ignore[override]
-        self, service: str, method: str, request: Message, response_type: type[R], **kw: Any
-    ) -> R:
+    async def call(self, service: str, method: str, request: Message, response_type: type[R], **kw: Any) -> R:
         return await asyncio.wait_for(super().call(service, method, request, response_type, **kw), WAIT)
 
 
@@ -76,7 +74,7 @@ class FakeService:
             self.handler_cancelled.set()
             raise
         self.handler_finished.set()
-        return StateResp(id=req.id, status=3)
+        return StateResp(id=req.id, status=task_types_pb2.STOPPED)
 
     async def fail(self, req: Message, ctx: RequestContext) -> Message:
         assert isinstance(req, StateReq)
