@@ -92,13 +92,14 @@ class Runc:
         await self._run_with_stdio([*args, cid], stdio_fds)
 
     async def _run_with_stdio(self, args: list[str], stdio_fds: tuple[int, int, int] | None) -> None:
-        """runc hands its own stdio to the container process, so it gets the container's pipes."""
+        """runc hands its own stdio to the container process, so it gets the container's pipes, or
+        /dev/null: pipes of ours would be held open by the container and never reach EOF."""
         if stdio_fds is None:
-            await self._run(*args)
-            return
-        proc, exited = reaper.spawn(
-            self._argv(*args), stdin=stdio_fds[0], stdout=stdio_fds[1], stderr=stdio_fds[2]
-        )
+            proc, exited = reaper.spawn(self._argv(*args))
+        else:
+            proc, exited = reaper.spawn(
+                self._argv(*args), stdin=stdio_fds[0], stdout=stdio_fds[1], stderr=stdio_fds[2]
+            )
         ex = await exited
         if ex.status != 0:
             raise self._error(args[0], ex.status, "")
