@@ -60,6 +60,7 @@ class Exec:
         self._done = asyncio.Event()
         self._starting = False
         self._early_exit: tuple[int, float] | None = None
+        process.on_exit(self._on_exit)
 
     @property
     def is_init(self) -> bool:
@@ -76,7 +77,7 @@ class Exec:
             raise errdefs.ShimError(f"cannot start a {self._noun()} process")
         self._starting = True
         try:
-            pid = await self.process.start(self._on_exit)
+            pid = await self.process.start()
         except Exception as e:
             self._starting = False
             if not self.is_init:

@@ -42,8 +42,13 @@ class Process(abc.ABC):
     pid: int = 0
 
     @abc.abstractmethod
-    async def start(self, on_exit: ExitCallback) -> int:
-        """Run it; return its host pid.  on_exit may fire before this returns."""
+    def on_exit(self, callback: ExitCallback) -> None:
+        """Call back once when the process exits, whatever its state: a created init can be
+        killed before it ever starts, and a started one may exit before start() returns."""
+
+    @abc.abstractmethod
+    async def start(self) -> int:
+        """Run it; return its host pid."""
 
     @abc.abstractmethod
     async def kill(self, signal: int) -> None:

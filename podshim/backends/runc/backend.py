@@ -52,11 +52,11 @@ class _RuncProcess(Process):
             cb, self._on_exit = self._on_exit, None
             cb(ex.status, ex.at)
 
-    def _arm(self, on_exit: ExitCallback) -> None:
+    def on_exit(self, callback: ExitCallback) -> None:
         if self._exit is not None:
-            on_exit(self._exit.status, self._exit.at)
+            callback(self._exit.status, self._exit.at)
         else:
-            self._on_exit = on_exit
+            self._on_exit = callback
 
     def resize(self, width: int, height: int) -> None:
         if self.pio is not None:
@@ -84,8 +84,7 @@ class RuncInit(_RuncProcess):
         self.container = container
         self._claim(pid)
 
-    async def start(self, on_exit: ExitCallback) -> int:
-        self._arm(on_exit)
+    async def start(self) -> int:
         await self.container.runc.start(self.container.id)
         self.container.started(self.pid)
         return self.pid
@@ -111,7 +110,7 @@ class RuncExec(_RuncProcess):
         self.spec = spec
         self.stdio = stdio
 
-    async def start(self, on_exit: ExitCallback) -> int:
+    async def start(self) -> int:
         c = self.container
         s = c.backend.settings
         # The FIFOs are opened at Start, not at Exec, as runc-v2 does: ctr only arms its
@@ -123,13 +122,13 @@ class RuncExec(_RuncProcess):
         if self._stdin_closed:
             self.pio.close_stdin()
         try:
-            return await self._start(on_exit)
+            return await self._start()
         except BaseException:
             # The client waits for EOF on its FIFOs after a failed start: let it come.
             await self.pio.close()
             raise
 
-    async def _start(self, on_exit: ExitCallback) -> int:
+    async def _start(self) -> int:
         c = self.container
         assert self.pio is not None
         pid_file = os.path.join(c.bundle, f"{self.exec_id}.pid")
@@ -155,7 +154,6 @@ class RuncExec(_RuncProcess):
                     self.pio.attach_console(await console)
                 self.pio.started()
                 self._claim(read_pid_file(pid_file))
-                self._arm(on_exit)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(spec_path)
