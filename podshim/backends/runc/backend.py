@@ -230,6 +230,8 @@ class RuncContainer(Container):
                     pio.attach_console(await console)
                 pio.started()
                 self.init = RuncInit(self, pio, read_pid_file(pid_file))
+                # Stats work from Create on, as with runc-v2 (containerd's client tests ask early).
+                self.cgroup = Cgroup.of_pid(self.init.pid)
         except BaseException:
             if pio is not None:
                 await pio.close()
@@ -239,7 +241,8 @@ class RuncContainer(Container):
             raise
 
     def started(self, pid: int) -> None:
-        self.cgroup = Cgroup.of_pid(pid)
+        if self.cgroup is None:
+            self.cgroup = Cgroup.of_pid(pid)
         if self.cgroup is not None:
             self.backend.oom.add(self.id, self.cgroup)
 
