@@ -82,4 +82,7 @@ else
   log ".venv up to date"
 fi
 
+# --- 3. CRI client stubs for tests/cri (from Debian's containerd source package; cached) ----------
+scripts/gen-cri-stubs.sh
+
 log "done"
