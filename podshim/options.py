@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tomllib
 from dataclasses import dataclass, field
-from typing import Any
-
-from google.protobuf import any_pb2, json_format
+from typing import TYPE_CHECKING, Any
 
 from podshim import errdefs
+
+if TYPE_CHECKING:
+    from google.protobuf import any_pb2
 
 
 @dataclass
@@ -67,7 +67,11 @@ def _merge(opts: ShimOptions, values: dict[str, Any]) -> None:
 
 
 def _proto_fields(msg: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    """The fields that are set, by proto name (messages become dicts)."""
+    out: dict[str, Any] = {}
+    for fd, value in msg.ListFields():
+        out[fd.name] = _proto_fields(value) if fd.message_type is not None else value
+    return out
 
 
 def _bare(type_url: str) -> str:
@@ -107,6 +111,8 @@ def decode(raw: any_pb2.Any | None) -> ShimOptions:
 
 def load_toml(path: str) -> dict[str, Any]:
     """A handler's options file: the same keys as podshim.v1.Options, with a [vm] table."""
+    import tomllib
+
     if not os.path.exists(path):
         return {}
     with open(path, "rb") as f:
@@ -116,6 +122,8 @@ def load_toml(path: str) -> dict[str, Any]:
 def decode_stdin(data: bytes) -> ShimOptions:
     if not data:
         return ShimOptions()
+    from google.protobuf import any_pb2
+
     try:
         raw = any_pb2.Any.FromString(data)
     except Exception:

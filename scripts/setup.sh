@@ -76,7 +76,8 @@ stamp=.venv/.podshim-setup-stamp
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x .venv/bin/containerd-shim-podshim-v1 ]; then
   log "pip install -e '.[dev]'"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e "$REPO[dev]"
+  # compat mode: a plain path in a .pth, not an import hook; every shim start pays for the hook.
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e "$REPO[dev]" --config-settings editable_mode=compat
   echo "$want" > "$stamp"
 else
   log ".venv up to date"

@@ -36,5 +36,18 @@ def install(print_only: bool, config_path: str, bin_dir: str, handler: str) -> N
         console.print(f"{config_path} already has runtime handler [bold]{handler}[/]")
 
 
+@cli.command("vm-image")
+@click.option("--dir", "directory", default="", help="Cache dir [default: $PODSHIM_VM_DIR or /var/lib/podshim/vm].")
+@click.option("--force", is_flag=True, help="Rebuild even when the cache is up to date.")
+def vm_image(directory: str, force: bool) -> None:
+    """Prepare the pod VM's kernel and initramfs from Debian packages (cached, idempotent)."""
+    from podshim.vm import image
+
+    try:
+        image.prepare(directory, force=force, log=lambda msg: console.print(msg, highlight=False))
+    except image.ImageError as e:
+        raise click.ClickException(str(e)) from e
+
+
 def main() -> None:
     cli()

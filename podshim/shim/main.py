@@ -4,17 +4,21 @@ the server that ``start`` forks (spec §1)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
 import socket
-import subprocess
 import sys
-import time
+from typing import TYPE_CHECKING
 
-from podshim import oci, options
+from podshim import oci
 from podshim.shim import address
+
+if TYPE_CHECKING:
+    from podshim import options
+
+# Imports are deferred to the action that needs them: every container pays for an interpreter
+# start in `start` and another in `delete`, so each action loads only its own modules.
 
 VERSION = "0.1.0"
 
@@ -68,6 +72,8 @@ def start(args: argparse.Namespace) -> int:
         address.write_address_file(bundle, addr)
         sys.stdout.write(addr)
         return 0
+    from podshim import options
+
     stdin_opts = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
     start_options = options.decode_stdin(stdin_opts)
     address.write_address_file(bundle, addr)
@@ -102,6 +108,8 @@ def _run_server(
             os.close(fd)
         sock = socket.socket(fileno=3)
         os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+        import asyncio
+
         from podshim.shim import daemon
 
         daemon.setup_logging(bundle, args.debug)
@@ -150,34 +158,35 @@ def _join_cgroup(pid: int, cgroup: str) -> None:
 
 def delete(args: argparse.Namespace) -> int:
     """Clean up one container after containerd lost it or deleted it: idempotent, under 5 s,
-    and never touching a server that still serves other containers (spec §1.5)."""
+    and never touching a server that still serves other containers (spec §1.5).
+
+    After a normal Delete the server has already removed the container and its mounts, so each
+    step first checks, cheaply, whether there is anything left to do."""
+    import time
+
     from google.protobuf.timestamp_pb2 import Timestamp
 
     from podshim.api import task_pb2
-    from podshim.backends.runc.runc import default_root
-    from podshim.system import mounts
+    from podshim.options import ShimOptions
 
     bundle = args.bundle or os.getcwd()
     try:
         with open(os.path.join(bundle, "options.json")) as f:
-            opts = options.ShimOptions.from_json(f.read())
+            opts = ShimOptions.from_json(f.read())
     except (OSError, ValueError):
-        opts = options.ShimOptions()
-    root = default_root(args.namespace, opts.root)
-    argv = [opts.binary_name or "runc", "--root", root, "--log", os.path.join(bundle, "log.json"),
-            "--log-format", "json", "delete", "--force", args.id]  # fmt: skip
-    try:
-        res = subprocess.run(argv, capture_output=True, timeout=3.5, check=False)
-        if res.returncode != 0 and b"does not exist" not in res.stderr:
-            sys.stderr.write(f"runc delete --force {args.id}: {res.stderr.decode(errors='replace')}\n")
-    except (OSError, subprocess.TimeoutExpired) as e:
-        sys.stderr.write(f"runc delete --force {args.id}: {e}\n")
-    try:
-        mounts.unmount_all(os.path.join(bundle, "rootfs"))
-    except OSError as e:
-        sys.stderr.write(f"unmount rootfs: {e}\n")
-    spec = _read_spec(bundle)
-    key = oci.grouping_key(spec, args.id)
+        opts = ShimOptions()
+    root = os.path.join(opts.root or "/run/containerd/runc", args.namespace)
+    if os.path.exists(os.path.join(root, args.id)):
+        _runc_force_delete(opts.binary_name or "runc", root, bundle, args.id)
+    rootfs = os.path.join(bundle, "rootfs")
+    if _has_mounts_under(rootfs):
+        from podshim.system import mounts
+
+        try:
+            mounts.unmount_all(rootfs)
+        except OSError as e:
+            sys.stderr.write(f"unmount rootfs: {e}\n")
+    key = oci.grouping_key(_read_spec(bundle), args.id)
     address.remove_if_dead(address.socket_path(args.address, args.namespace, key, bundle))
     pid = 0
     with contextlib.suppress(OSError, ValueError), open(os.path.join(bundle, "init.pid")) as f:
@@ -188,3 +197,26 @@ def delete(args: argparse.Namespace) -> int:
     sys.stdout.buffer.write(resp.SerializeToString())
     sys.stdout.flush()
     return 0
+
+
+def _runc_force_delete(binary: str, root: str, bundle: str, cid: str) -> None:
+    import subprocess
+
+    argv = [binary, "--root", root, "--log", os.path.join(bundle, "log.json"), "--log-format", "json",
+            "delete", "--force", cid]  # fmt: skip
+    try:
+        res = subprocess.run(argv, capture_output=True, timeout=3.5, check=False)
+        if res.returncode != 0 and b"does not exist" not in res.stderr:
+            sys.stderr.write(f"runc delete --force {cid}: {res.stderr.decode(errors='replace')}\n")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        sys.stderr.write(f"runc delete --force {cid}: {e}\n")
+
+
+def _has_mounts_under(path: str) -> bool:
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split(" ", 5)[4]
+            if point == path or point.startswith(path + "/"):
+                return True
+    return False

@@ -1,0 +1,1 @@
+"""The pod utility VM: its image (kernel + initramfs) and the qemu process that runs it."""
