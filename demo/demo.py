@@ -1,0 +1,144 @@
+"""The podshim demo: a private containerd with its CRI plugin, a Kubernetes-style pod served by
+one podshim process, its containers talking over the pod's shared network namespace, and a
+clean teardown.  Run it with scripts/demo.sh (which sets the machine up first)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from harness.ctr import Ctr  # noqa: E402
+from harness.images import BUSYBOX_REF, build_busybox_tarball, import_image  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+import tests.cri  # noqa: E402,F401  (puts the harness and the CRI stubs on sys.path)
+from tests.cri.client import CriClient  # noqa: E402
+from tests.cri.harness import CRI_NAMESPACE, CriContainerd, VarLibOverlay, shim_servers  # noqa: E402
+from tests.cri.images import PAUSE_REF, build_pause_tarball  # noqa: E402
+
+console = Console()
+SHIM = "containerd-shim-podshim-v1"
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                stat = (p / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(p.name))
+    return sorted(out)
+
+
+def wait_for(pred: object, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError("the demo waited too long")
+        time.sleep(0.1)
+
+
+def main() -> int:
+    base = Path(tempfile.mkdtemp(prefix="podshim-demo-"))
+    overlay = VarLibOverlay(base / "var-lib")
+    cd = CriContainerd(base / "containerd", sandbox_image=PAUSE_REF)
+    client: CriClient | None = None
+    try:
+        with console.status("starting a private containerd with its CRI plugin"):
+            overlay.mount()
+            cd.start()
+            ctr = Ctr(cd.address, CRI_NAMESPACE, timeout=60.0)
+            for image in (build_pause_tarball(base / "images"), build_busybox_tarball(base / "busybox.tar")):
+                import_image(ctr, image)
+            client = CriClient(cd.address, cgroup_parent="/podshim-demo", log_root=cd.pod_log_root)
+            wait_for(lambda: client.image_status(PAUSE_REF) and client.image_status(BUSYBOX_REF))
+        console.print(f"[green]✓[/] containerd {cd.address} (root, state and sockets under {base})")
+
+        pod = client.run_pod("demo", "podshim")
+        status, info = client.pod_status(pod.id)
+        console.print(
+            f"[green]✓[/] RunPodSandbox with runtime handler [bold]podshim[/]: pod {pod.id[:12]}, "
+            f"IP {status.network.ip}, sandbox pid {info['pid']}"
+        )
+        web = client.run_container(
+            pod,
+            "web",
+            [
+                "sh",
+                "-c",
+                "mkdir -p /www && echo hello from the web container > /www/index.html "
+                "&& exec httpd -f -p 127.0.0.1:8080 -h /www",
+            ],  # fmt: skip
+            image=BUSYBOX_REF,
+        )
+        fetch = client.run_container(
+            pod,
+            "fetch",
+            ["sh", "-c", "until wget -qO- http://127.0.0.1:8080/; do sleep 0.2; done; sleep 3600"],
+            image=BUSYBOX_REF,
+        )
+        console.print(
+            "[green]✓[/] two containers started: [bold]web[/] (httpd on 127.0.0.1:8080) and [bold]fetch[/]"
+        )
+        output = client.wait_log(pod, fetch, "hello from the web container")
+        console.print(f"[green]✓[/] fetch reached web over the pod's shared localhost: {output.strip()!r}")
+
+        shims = shim_servers(SHIM, pod.id)
+        table = Table(title="processes of the pod")
+        table.add_column("pid", justify="right")
+        table.add_column("process")
+        table.add_column("RSS MiB", justify="right")
+        for s in shims:
+            table.add_row(str(s.pid), f"podshim server for pod {pod.id[:12]}", f"{rss_mib(s.pid):.1f}")
+            for child in children(s.pid):
+                table.add_row(str(child), "  └ " + cmdline(child)[:60], f"{rss_mib(child):.1f}")
+        console.print(table)
+        console.print(
+            f"[green]✓[/] exactly {len(shims)} podshim process serves the pod and all its containers"
+        )
+
+        res = client.exec_sync(web, ["sh", "-c", "echo exec in $(hostname): uid=$(id -u); exit 3"])
+        console.print(f"[green]✓[/] ExecSync into web: {res.stdout.strip()!r}, exit code {res.exit_code}")
+
+        client.stop_container(fetch, timeout=2)
+        st, _ = client.container_status(fetch)
+        console.print(f"[green]✓[/] StopContainer fetch (ignores SIGTERM as pid 1): exit code {st.exit_code}")
+        client.stop_pod(pod.id)
+        client.remove_pod(pod.id)
+        client.pods.pop(pod.id, None)
+        wait_for(lambda: not shim_servers(SHIM, pod.id), timeout=10)
+        console.print("[green]✓[/] StopPodSandbox + RemovePodSandbox: the shim exited, nothing left running")
+        return 0
+    finally:
+        if client is not None:
+            if client.pods:
+                client.force_remove_pods(client.pods)
+            client.close()
+        cd.close()
+        overlay.unmount()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
