@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "e2e")]
 
 from harness.ctr import Ctr  # noqa: E402
 from harness.images import BUSYBOX_REF, build_busybox_tarball, import_image  # noqa: E402
