@@ -14,6 +14,10 @@ RUNC_GROUP = "io.containerd.runc.v2.group"
 ISOLATION = "podshim.io/isolation"
 HOSTPROCESS_ROOTFS_LOCATION = "podshim.io/hostprocess-rootfs-location"
 HOSTPROCESS_INHERIT_USER = "podshim.io/hostprocess-inherit-user"
+# A container that asks to be a host process (Windows: microsoft.com/hostprocess-container).
+HOST_PROCESS = "podshim.io/host-process"
+# What a host-process pod hands down to every container (the seed's pass-through list).
+HOSTPROCESS_PASS_THROUGH = (HOSTPROCESS_INHERIT_USER, HOSTPROCESS_ROOTFS_LOCATION)
 
 
 class ContainerType(enum.Enum):
@@ -45,3 +49,24 @@ def grouping_key(spec: dict[str, Any], container_id: str) -> str:
     """Which shim serves a container: one per pod, else one per container (spec §1.3)."""
     ann = of(spec)
     return ann.get(RUNC_GROUP) or ann.get(SANDBOX_ID) or container_id
+
+
+def isolation(spec: dict[str, Any]) -> str:
+    return of(spec).get(ISOLATION, "")
+
+
+def is_host_process(spec: dict[str, Any]) -> bool:
+    """A host-process container: asked for itself, or inherited from its pod's annotations
+    (CRI copies the pod annotations that match ``pod_annotations`` into every container)."""
+    ann = of(spec)
+    return ann.get(HOST_PROCESS, "").lower() == "true" or ann.get(ISOLATION, "") == "host"
+
+
+def pass_through(sandbox: dict[str, Any], container: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Copy sandbox annotations the container does not set itself (the seed's
+    SandboxAnnotationsPassThrough): Kubernetes gives annotations to RunPodSandbox only."""
+    src = of(sandbox)
+    dst = container.setdefault("annotations", {})
+    for key in keys:
+        if key in src and key not in dst:
+            dst[key] = src[key]

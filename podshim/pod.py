@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from podshim import errdefs, oci
 from podshim.backends.base import Backend, ContainerRequest
@@ -29,8 +30,9 @@ TaskFactory = Callable[[Backend, ContainerRequest, Publisher], Awaitable[Task]]
 
 class Pod:
     def __init__(self, pod_id: str, sandbox: Task, backend: Backend, events: Publisher,
-                 task_factory: TaskFactory) -> None:  # fmt: skip
+                 task_factory: TaskFactory, spec: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.id = pod_id
+        self.spec = spec or {}
         self.sandbox = sandbox
         self.backend = backend
         self.events = events
@@ -64,7 +66,11 @@ class Pod:
             # The seed's deferred parent.Close(): nothing made for the pod outlives a failed create.
             await backend.close()
             raise
-        return cls(req.id, sandbox, backend, events, task_factory)
+        return cls(req.id, sandbox, backend, events, task_factory, req.spec)
+
+    @property
+    def host_process(self) -> bool:
+        return self.backend.name == "host"
 
     def watch_sandbox(self) -> None:
         """Once the sandbox runs, its exit tears the workloads down."""
@@ -91,6 +97,18 @@ class Pod:
             )
         if req.id in self.workloads or req.id in self._creating:
             raise errdefs.AlreadyExists(f"task with id: '{req.id}' already exists in pod: '{self.id}'")
+        if self.host_process:
+            # Every container of a host-process pod runs on the host, or none does.
+            if not oci.is_host_process(req.spec):
+                raise errdefs.FailedPrecondition(
+                    f"cannot create a normal container '{req.id}' in host-process pod '{self.id}'"
+                )
+            oci.pass_through(self.spec, req.spec, oci.HOSTPROCESS_PASS_THROUGH)
+        elif oci.is_host_process(req.spec):
+            raise errdefs.FailedPrecondition(
+                f"cannot create host-process container '{req.id}' in pod '{self.id}', "
+                "which is not host-process"
+            )
         kind, sid = oci.sandbox_type_and_id(req.spec)
         if kind is not ContainerType.CONTAINER:
             raise errdefs.FailedPrecondition(

@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from podshim import errdefs, oci, options
 from podshim.api import runc_options_pb2, task_pb2
 from podshim.backends.base import Backend, ContainerRequest
+from podshim.backends.host.backend import HostBackend
 from podshim.backends.runc.backend import RuncBackend, RuncSettings
 from podshim.events import Publisher, task_events, timestamp
 from podshim.oci import ContainerType
@@ -144,7 +145,9 @@ class TaskService:
                 self.namespace,
                 self._publish_oom,
             )
-        if isolation in ("host", "vm"):
+        if isolation == "host":
+            return HostBackend(self.namespace, self._publish_oom)
+        if isolation == "vm":
             raise errdefs.NotImplementedErr(f"isolation '{isolation}' is not available in this build")
         raise errdefs.InvalidArgument(
             f"unknown isolation '{isolation}' in '{oci.ISOLATION}': want process, vm or host"

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -337,3 +338,94 @@ class OOMWatcher:
         return stop
 
 
+
+
+# -- cgroups the shim makes itself (host-process containers) ----------------------------------
+
+_V1_OWN = ("memory", "cpu", "cpuacct", "pids", "freezer", "blkio")
+
+
+def cgroup_at(path: str) -> Cgroup:
+    """The directories of cgroup ``path`` (cgroupfs form, e.g. ``/k8s.io/<id>``) on this host."""
+    rel = path.strip("/")
+    if unified_host():
+        return Cgroup({}, os.path.join(CGROUP_ROOT, rel))
+    v1 = {
+        c: os.path.join(CGROUP_ROOT, c, rel) for c in _V1_OWN if os.path.isdir(os.path.join(CGROUP_ROOT, c))
+    }
+    return Cgroup(v1, None)
+
+
+def _dirs(cg: Cgroup) -> list[str]:
+    return [cg.v2] if cg.v2 else list(cg.v1.values())
+
+
+def create(cg: Cgroup) -> None:
+    for d in _dirs(cg):
+        os.makedirs(d, exist_ok=True)
+
+
+def join(cg: Cgroup, pid: int = 0) -> None:
+    """Move pid (0: the caller) into every directory of the cgroup."""
+    for d in _dirs(cg):
+        with open(os.path.join(d, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+
+
+def _write(path: str, value: object) -> None:
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+def set_resources(cg: Cgroup, res: dict[str, Any]) -> None:
+    """The OCI LinuxResources that matter for a host process: memory, CPU and pids limits."""
+    mem = res.get("memory") or {}
+    cpu = res.get("cpu") or {}
+    pids = res.get("pids") or {}
+    if cg.v2:
+        v2 = cg.v2
+        if mem.get("limit"):
+            _write(f"{v2}/memory.max", mem["limit"] if mem["limit"] > 0 else "max")
+        if cpu.get("quota") or cpu.get("period"):
+            quota = cpu.get("quota") or 0
+            _write(f"{v2}/cpu.max", f"{quota if quota > 0 else 'max'} {cpu.get('period') or 100000}")
+        if cpu.get("shares"):
+            # The kernel's shares -> weight mapping, as runc does it.
+            _write(f"{v2}/cpu.weight", 1 + ((int(cpu["shares"]) - 2) * 9999) // 262142)
+        if pids.get("limit"):
+            _write(f"{v2}/pids.max", pids["limit"] if pids["limit"] > 0 else "max")
+        return
+    if (md := cg.v1.get("memory")) and mem.get("limit"):
+        _write(f"{md}/memory.limit_in_bytes", mem["limit"])
+    if cd := cg.v1.get("cpu"):
+        if cpu.get("shares"):
+            _write(f"{cd}/cpu.shares", cpu["shares"])
+        if cpu.get("period"):
+            _write(f"{cd}/cpu.cfs_period_us", cpu["period"])
+        if cpu.get("quota"):
+            _write(f"{cd}/cpu.cfs_quota_us", cpu["quota"])
+    if (pd := cg.v1.get("pids")) and pids.get("limit"):
+        _write(f"{pd}/pids.max", pids["limit"] if pids["limit"] > 0 else "max")
+
+
+def freeze(cg: Cgroup, frozen: bool) -> None:
+    if cg.v2:
+        _write(f"{cg.v2}/cgroup.freeze", 1 if frozen else 0)
+    elif fd := cg.v1.get("freezer"):
+        _write(f"{fd}/freezer.state", "FROZEN" if frozen else "THAWED")
+    else:
+        raise OSError("no freezer cgroup: cannot pause")
+
+
+def remove(cg: Cgroup) -> None:
+    """rmdir every directory; the caller has emptied the cgroup first."""
+    for d in _dirs(cg):
+        for _ in range(50):
+            try:
+                os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                # Just-killed processes leave the cgroup a moment after their death is reaped.
+                time.sleep(0.01)

@@ -10,7 +10,14 @@ import pytest
 
 from podshim import errdefs
 from podshim.backends.base import Backend, Container, ContainerRequest
-from podshim.oci import CONTAINER_TYPE, SANDBOX_ID
+from podshim.oci import (
+    CONTAINER_TYPE,
+    HOST_PROCESS,
+    HOSTPROCESS_INHERIT_USER,
+    HOSTPROCESS_ROOTFS_LOCATION,
+    ISOLATION,
+    SANDBOX_ID,
+)
 from podshim.pod import Pod
 from podshim.process import ExecState, ExitInfo
 from podshim.system.stdio import StdioConfig
@@ -297,3 +304,46 @@ async def test_sandbox_exit_kills_running_workloads() -> None:
         await asyncio.sleep(0)
     assert c1.kills == [("", 9, True)]
     assert c2.kills == []
+
+
+# -- host-process pods ---------------------------------------------------------------------------------
+
+
+class HostWorld(World):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backend.name = "host"
+
+    async def host_pod(self, **sandbox_annotations: str) -> Pod:
+        req = request(POD, "sandbox", POD)
+        req.spec["annotations"].update(sandbox_annotations)
+        pod = await Pod.create(req, lambda r: self.backend, None, self.factory)  # type: ignore[arg-type]
+        self.tasks[POD].init.state = ExecState.RUNNING
+        return pod
+
+
+async def test_host_pod_rejects_a_normal_container() -> None:
+    w = HostWorld()
+    pod = await w.host_pod()
+    with pytest.raises(errdefs.FailedPrecondition, match="normal container"):
+        await pod.create_task(request("c1", "container", POD))
+
+
+async def test_host_pod_accepts_host_process_containers_and_passes_annotations_through() -> None:
+    w = HostWorld()
+    pod = await w.host_pod(**{HOSTPROCESS_ROOTFS_LOCATION: "/hpc", HOSTPROCESS_INHERIT_USER: "true"})
+    req = request("c1", "container", POD)
+    req.spec["annotations"][ISOLATION] = "host"
+    req.spec["annotations"][HOSTPROCESS_INHERIT_USER] = "false"  # the container's own value wins
+    await pod.create_task(req)
+    assert req.spec["annotations"][HOSTPROCESS_ROOTFS_LOCATION] == "/hpc"
+    assert req.spec["annotations"][HOSTPROCESS_INHERIT_USER] == "false"
+
+
+async def test_normal_pod_rejects_a_host_process_container() -> None:
+    w = World()
+    pod = await w.pod()
+    req = request("c1", "container", POD)
+    req.spec["annotations"][HOST_PROCESS] = "true"
+    with pytest.raises(errdefs.FailedPrecondition, match="not host-process"):
+        await pod.create_task(req)

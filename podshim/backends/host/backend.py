@@ -1,0 +1,276 @@
+"""Host isolation: host-process pods (the seed's job containers, Kubernetes HostProcess).
+
+A workload runs straight on the host: no runc and no new namespaces, but with the spec's
+args, env, user and rlimits, in a cgroup of its own (so stats, OOM, update, pause and kill-all
+work, reparented grandchildren included).  The image's root filesystem is mounted and handed to
+the process as ``$CONTAINER_SANDBOX_MOUNT_POINT``, which is also its working directory's root.
+
+The sandbox has no process at all: see ``sandbox.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from podshim import errdefs, oci
+from podshim.backends.base import Backend, Container, ContainerRequest, ExitCallback, Process, ProcessGone
+from podshim.backends.host.launch import Held, LaunchSpec, env_of, rlimits_of, spawn_held
+from podshim.backends.host.sandbox import SandboxHolder
+from podshim.system import cgroups, mounts
+from podshim.system.cgroups import Cgroup, OOMWatcher, v1_metrics, v2_metrics
+from podshim.system.reaper import Exit
+from podshim.system.stdio import ProcessIO, StdioConfig
+
+MOUNT_POINT_ENV = "CONTAINER_SANDBOX_MOUNT_POINT"
+V1_METRICS_URL = "io.containerd.cgroups.v1.Metrics"
+V2_METRICS_URL = "io.containerd.cgroups.v2.Metrics"
+
+
+class HostProcess(Process):
+    def __init__(self, container: HostContainer, process_spec: dict[str, Any], stdio: StdioConfig) -> None:
+        self.container = container
+        self.spec = process_spec
+        self.stdio = stdio
+        self.pio: ProcessIO | None = None
+        self._held: Held | None = None
+        self._exit: Exit | None = None
+        self._callback: ExitCallback | None = None
+        self._stdin_closed = False
+
+    async def prepare(self) -> None:
+        """Create: open stdio and fork the process, held before exec."""
+        c = self.container
+        self.pio = await ProcessIO.open(self.stdio, container_id=c.id, namespace=c.req.namespace)
+        master = slave = None
+        if self.stdio.terminal:
+            master, slave = os.openpty()
+        try:
+            self._held = spawn_held(self._launch_spec(slave))
+        except BaseException:
+            for fd in (master, slave):
+                if fd is not None:
+                    os.close(fd)
+            await self.pio.close()
+            raise
+        if slave is not None:
+            os.close(slave)
+        if master is not None:
+            self.pio.attach_console(master)
+        self.pio.started()
+        self.pid = self._held.pid
+        self._held.exited.add_done_callback(lambda f: self._exited(f.result()))
+
+    def _launch_spec(self, tty_slave: int | None) -> LaunchSpec:
+        c = self.container
+        p = self.spec
+        env = env_of(p.get("env") or [])
+        env[MOUNT_POINT_ENV] = c.mount_point
+        user = p.get("user") or {}
+        inherit = oci.of(c.req.spec).get(oci.HOSTPROCESS_INHERIT_USER, "").lower() == "true"
+        cwd = os.path.join(c.mount_point, str(p.get("cwd") or "/").lstrip("/"))
+        args = [str(a) for a in p.get("args") or []]
+        if not args:
+            raise errdefs.InvalidArgument("the process has no args")
+        return LaunchSpec(
+            args=args,
+            env=env,
+            cwd=cwd,
+            uid=None if inherit else int(user.get("uid", 0)),
+            gid=None if inherit else int(user.get("gid", 0)),
+            additional_gids=[int(g) for g in user.get("additionalGids") or []],
+            rlimits=rlimits_of(p),
+            cgroup=c.cgroup,
+            stdio=self.pio.child_stdio if self.pio is not None else None,
+            tty_slave=tty_slave,
+        )
+
+    def _exited(self, ex: Exit) -> None:
+        self._exit = ex
+        if self._callback is not None:
+            cb, self._callback = self._callback, None
+            cb(ex.status, ex.at)
+
+    def on_exit(self, callback: ExitCallback) -> None:
+        if self._exit is not None:
+            callback(self._exit.status, self._exit.at)
+        else:
+            self._callback = callback
+
+    async def start(self) -> int:
+        if self._held is None:
+            await self.prepare()
+        assert self._held is not None and self.pio is not None
+        if self._stdin_closed:
+            self.pio.close_stdin()
+        try:
+            await self._held.release()
+        except errdefs.ShimError:
+            await self.pio.close()
+            raise
+        return self.pid
+
+    async def kill(self, sig: int) -> None:
+        if self._exit is not None or not self.pid:
+            raise ProcessGone()
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError as e:
+            raise ProcessGone() from e
+
+    def resize(self, width: int, height: int) -> None:
+        if self.pio is not None:
+            self.pio.resize(width, height)
+
+    def close_stdin(self) -> None:
+        self._stdin_closed = True
+        if self.pio is not None:
+            self.pio.close_stdin()
+
+    async def drain(self) -> None:
+        if self.pio is not None:
+            await self.pio.drain()
+
+    async def close(self) -> None:
+        if self._held is not None and self._exit is None:
+            self._held.abandon()  # a never-started child reads EOF and exits without running
+        if self.pio is not None:
+            await self.pio.close()
+
+
+class HostContainer(Container):
+    def __init__(self, backend: HostBackend, req: ContainerRequest) -> None:
+        self.backend = backend
+        self.req = req
+        self.id = req.id
+        ann = oci.of(req.spec)
+        location = ann.get(oci.HOSTPROCESS_ROOTFS_LOCATION, "")
+        self.mount_point = os.path.join(location, req.id) if location else os.path.join(req.bundle, "rootfs")
+        self._made_mount_point = False
+        linux = req.spec.get("linux") or {}
+        self.cgroup: Cgroup = cgroups.cgroup_at(
+            _cgroupfs_path(linux.get("cgroupsPath") or "", req.namespace, req.id)
+        )
+        self._mounted = False
+        self._deleted = False
+
+    @property
+    def shares_pid_namespace(self) -> bool:
+        return True  # the host's: an exited init's descendants are not killed by the kernel
+
+    async def create(self) -> None:
+        try:
+            if self.req.rootfs:
+                if not os.path.isdir(self.mount_point):
+                    os.makedirs(self.mount_point, mode=0o755)
+                    self._made_mount_point = True
+                mounts.mount_all(self.req.rootfs, self.mount_point)
+                self._mounted = True
+            cgroups.create(self.cgroup)
+            resources = (self.req.spec.get("linux") or {}).get("resources") or {}
+            cgroups.set_resources(self.cgroup, resources)
+            init = HostProcess(self, self.req.spec.get("process") or {}, self.req.stdio)
+            await init.prepare()
+            self.init = init
+        except BaseException:
+            self._release_resources()
+            raise
+        self.backend.oom.add(self.id, self.cgroup)
+
+    async def new_exec(self, exec_id: str, process_spec: dict[str, Any], stdio: StdioConfig) -> Process:
+        return HostProcess(self, process_spec, stdio)
+
+    async def kill_all(self, sig: int) -> None:
+        # Every process in the cgroup, also the ones that escaped to init or daemonised.
+        for _ in range(100):
+            pids = self.cgroup.pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            if sig != signal.SIGKILL:
+                return
+            await asyncio.sleep(0.01)
+
+    async def pause(self) -> None:
+        cgroups.freeze(self.cgroup, True)
+
+    async def resume(self) -> None:
+        cgroups.freeze(self.cgroup, False)
+
+    async def update(self, resources_json: bytes) -> None:
+        cgroups.set_resources(self.cgroup, json.loads(resources_json or b"{}"))
+
+    async def pids(self) -> list[int]:
+        return self.cgroup.pids()
+
+    async def stats(self) -> tuple[str, bytes]:
+        from google.protobuf import json_format
+
+        if not self.cgroup.exists():
+            raise errdefs.NotFound("cgroup does not exist")
+        if self.cgroup.v2:
+            from podshim.api import cgroups_v2_pb2
+
+            msg2 = json_format.ParseDict(v2_metrics(self.cgroup), cgroups_v2_pb2.Metrics())
+            return V2_METRICS_URL, msg2.SerializeToString()
+        from podshim.api import cgroups_v1_pb2
+
+        msg1 = json_format.ParseDict(v1_metrics(self.cgroup), cgroups_v1_pb2.Metrics())
+        return V1_METRICS_URL, msg1.SerializeToString()
+
+    async def delete(self) -> None:
+        if self._deleted:
+            return
+        self._deleted = True
+        self.backend.oom.remove(self.id)
+        await self.kill_all(signal.SIGKILL)
+        await self.init.close()
+        self._release_resources()
+
+    def _release_resources(self) -> None:
+        cgroups.remove(self.cgroup)
+        if self._mounted:
+            mounts.unmount_all(self.mount_point)
+            self._mounted = False
+        if self._made_mount_point:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.mount_point)
+            self._made_mount_point = False
+
+
+def _cgroupfs_path(path: str, namespace: str, cid: str) -> str:
+    """The spec's cgroupsPath in cgroupfs form; systemd's slice:prefix:name is mapped onto it."""
+    if not path:
+        return f"/{namespace}/{cid}"
+    if ":" in path and not path.startswith("/"):
+        slice_, prefix, name = [*path.split(":"), "", ""][:3]
+        return "/" + "/".join(p for p in (slice_, f"{prefix}-{name}" if prefix else name) if p)
+    return path
+
+
+class HostBackend(Backend):
+    name = "host"
+
+    def __init__(self, namespace: str, on_oom: Callable[[str], None]) -> None:
+        self.namespace = namespace
+        self.oom = OOMWatcher(on_oom)
+
+    async def create_container(self, req: ContainerRequest) -> Container:
+        kind, _ = oci.sandbox_type_and_id(req.spec)
+        if kind is oci.ContainerType.SANDBOX:
+            return SandboxHolder(req)
+        c = HostContainer(self, req)
+        await c.create()
+        return c
+
+    async def close(self) -> None:
+        self.oom.close()
+
+
