@@ -110,7 +110,13 @@ class CriClient:
     # -- pods -----------------------------------------------------------------------------------
 
     def pod_config(
-        self, name: str, *, annotations: Mapping[str, str] = {}, share_pid: bool = False, attempt: int = 0
+        self,
+        name: str,
+        *,
+        annotations: Mapping[str, str] = {},
+        share_pid: bool = False,
+        attempt: int = 0,
+        host: bool = False,
     ) -> cri.PodSandboxConfig:
         uid = secrets.token_hex(8)
         log_dir = self.log_root / f"{POD_NAMESPACE}_{name}_{uid}"
@@ -123,15 +129,24 @@ class CriClient:
             annotations=dict(annotations),
             linux=cri.LinuxPodSandboxConfig(
                 cgroup_parent=self.cgroup_parent,
-                security_context=cri.LinuxSandboxSecurityContext(namespace_options=_ns_options(share_pid)),
+                security_context=cri.LinuxSandboxSecurityContext(
+                    namespace_options=_ns_options(share_pid, host)
+                ),
             ),
         )
 
     def run_pod(
-        self, name: str, handler: str, annotations: Mapping[str, str] = {}, *, share_pid: bool = False
+        self,
+        name: str,
+        handler: str,
+        annotations: Mapping[str, str] = {},
+        *,
+        share_pid: bool = False,
+        host: bool = False,
     ) -> Pod:
-        """RunPodSandbox; by default with the kubelet's defaults (pid namespace per container)."""
-        config = self.pod_config(name, annotations=annotations, share_pid=share_pid)
+        """RunPodSandbox; by default with the kubelet's defaults (pid namespace per container).
+        host=True: hostNetwork, hostPID and hostIPC, as a HostProcess pod has them."""
+        config = self.pod_config(name, annotations=annotations, share_pid=share_pid, host=host)
         resp = self._call(
             RUNTIME,
             "RunPodSandbox",
@@ -202,9 +217,9 @@ class CriClient:
         share_pid: bool | None = None,
     ) -> str:
         """CreateContainer with the pod's namespace options (as the kubelet sends them)."""
+        pod_ns = pod.config.linux.security_context.namespace_options
         if share_pid is None:
-            pid_mode = pod.config.linux.security_context.namespace_options.pid
-            share_pid = pid_mode == cri.POD
+            share_pid = pod_ns.pid == cri.POD
         config = cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name, attempt=attempt),
             image=cri.ImageSpec(image=image),
@@ -212,7 +227,9 @@ class CriClient:
             log_path=f"{name}_{attempt}.log",
             annotations=dict(annotations),
             linux=cri.LinuxContainerConfig(
-                security_context=cri.LinuxContainerSecurityContext(namespace_options=_ns_options(share_pid))
+                security_context=cri.LinuxContainerSecurityContext(
+                    namespace_options=_ns_options(share_pid, pod_ns.network == cri.NODE)
+                )
             ),
         )
         resp = self._call(
@@ -368,7 +385,9 @@ class CriClient:
         return errors
 
 
-def _ns_options(share_pid: bool) -> cri.NamespaceOption:
+def _ns_options(share_pid: bool, host: bool = False) -> cri.NamespaceOption:
+    if host:
+        return cri.NamespaceOption(network=cri.NODE, ipc=cri.NODE, pid=cri.NODE)
     return cri.NamespaceOption(network=cri.POD, ipc=cri.POD, pid=cri.POD if share_pid else cri.CONTAINER)
 
 
