@@ -121,6 +121,22 @@ def main() -> int:
         res = client.exec_sync(web, ["sh", "-c", "echo exec in $(hostname): uid=$(id -u); exit 3"])
         console.print(f"[green]✓[/] ExecSync into web: {res.stdout.strip()!r}, exit code {res.exit_code}")
 
+        # A host-process pod beside it: no pause process, and its container is a plain host process.
+        hpod = client.run_pod("node-agent", "podshim", {"podshim.io/isolation": "host"}, host=True)
+        hpid = client.sandbox_pid(hpod.id)
+        agent = client.run_container(hpod, "agent", ["sleep", "3600"], image=BUSYBOX_REF)
+        client.wait_container_state(agent, 1)  # RUNNING
+        look = client.exec_sync(agent, ["sh", "-c", "echo $CONTAINER_SANDBOX_MOUNT_POINT; cat /proc/1/comm"])
+        mount_point, init = look.stdout.split()[:2]
+        console.print(
+            f"[green]✓[/] host-process pod {hpod.id[:12]} (podshim.io/isolation=host): sandbox pid {hpid} is "
+            f"the shim itself, no pause; its container sees the node's pid 1 ({init!r}) and the image at "
+            f"{mount_point}"
+        )
+        client.stop_pod(hpod.id)
+        client.remove_pod(hpod.id)
+        client.pods.pop(hpod.id, None)
+
         client.stop_container(fetch, timeout=2)
         st, _ = client.container_status(fetch)
         console.print(f"[green]✓[/] StopContainer fetch (ignores SIGTERM as pid 1): exit code {st.exit_code}")
