@@ -37,7 +37,9 @@ def install(print_only: bool, config_path: str, bin_dir: str, handler: str) -> N
 
 
 @cli.command("vm-image")
-@click.option("--dir", "directory", default="", help="Cache dir [default: $PODSHIM_VM_DIR or /var/lib/podshim/vm].")
+@click.option(
+    "--dir", "directory", default="", help="Cache dir [default: $PODSHIM_VM_DIR or /var/lib/podshim/vm]."
+)
 @click.option("--force", is_flag=True, help="Rebuild even when the cache is up to date.")
 def vm_image(directory: str, force: bool) -> None:
     """Prepare the pod VM's kernel and initramfs from Debian packages (cached, idempotent)."""

@@ -166,10 +166,10 @@ def elf_is_static(elf: bytes) -> bool:
     """True for a 64-bit little-endian ELF without a PT_INTERP program header."""
     if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
         return False
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
     for i in range(phnum):
-        p_type, = struct.unpack_from("<I", elf, phoff + i * phentsize)
+        (p_type,) = struct.unpack_from("<I", elf, phoff + i * phentsize)
         if p_type == 3:  # PT_INTERP
             return False
     return True
@@ -223,7 +223,9 @@ class Cpio:
         self.out = out
         self._ino = 0
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", nlink: int = 1, rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", nlink: int = 1, rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         self._ino += 1
         encoded = name.encode() + b"\0"
         fields = (self._ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
@@ -347,26 +349,24 @@ def prepare(directory: str = "", *, force: bool = False, log: Callable[[str], No
             raise ImageError(f"{package} holds no single boot/vmlinuz-*")
         release = os.path.basename(vmlinuz[0]).removeprefix("vmlinuz-")
         log(f"extracting the ELF kernel from {os.path.basename(vmlinuz[0])}")
-        with open(vmlinuz[0], "rb") as f:
-            elf = extract_vmlinux(f.read())
-        paths = {
-            module_name(p): p
-            for p in glob.glob(os.path.join(tree, "lib", "modules", release, "kernel", "**", "*.ko"), recursive=True)
-        }
+        with open(vmlinuz[0], "rb") as kf:
+            elf = extract_vmlinux(kf.read())
+        pattern = os.path.join(tree, "lib", "modules", release, "kernel", "**", "*.ko")
+        paths = {module_name(p): p for p in glob.glob(pattern, recursive=True)}
         blobs: dict[str, bytes] = {}
 
         def blob(name: str) -> bytes:
             if name not in blobs:
-                with open(paths[name], "rb") as f:
-                    blobs[name] = f.read()
+                with open(paths[name], "rb") as mf:
+                    blobs[name] = mf.read()
             return blobs[name]
 
         order = load_order(MODULES, lambda m: modinfo_depends(blob(m)), paths)
         log(f"building the initramfs with {len(order)} modules: {' '.join(order)}")
-        with open(os.path.join(work, INITRD_FILE), "wb") as f:
-            write_initramfs(f, busybox, {m: blob(m) for m in order}, order)
-        with open(os.path.join(work, KERNEL_FILE), "wb") as f:
-            f.write(elf)
+        with open(os.path.join(work, INITRD_FILE), "wb") as out:
+            write_initramfs(out, busybox, {m: blob(m) for m in order}, order)
+        with open(os.path.join(work, KERNEL_FILE), "wb") as out:
+            out.write(elf)
         image = Image(
             dir=d,
             kernel=os.path.join(d, KERNEL_FILE),
@@ -377,8 +377,10 @@ def prepare(directory: str = "", *, force: bool = False, log: Callable[[str], No
             modules=tuple(order),
         )
         manifest = dataclasses.asdict(image) | {"busybox_sha256": _sha256(busybox)}
-        with open(os.path.join(work, MANIFEST), "w") as f:
-            json.dump({k: v for k, v in manifest.items() if k not in ("dir", "kernel", "initrd")}, f, indent=1)
+        for k in ("dir", "kernel", "initrd"):
+            del manifest[k]  # paths follow the dir, wherever it is
+        with open(os.path.join(work, MANIFEST), "w") as mfile:
+            json.dump(manifest, mfile, indent=1)
         # The manifest goes last: a cache interrupted half-way is never taken for a good one.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(d, MANIFEST))
