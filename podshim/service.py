@@ -22,7 +22,6 @@ from google.protobuf.message import Message
 from podshim import errdefs, oci, options
 from podshim.api import runc_options_pb2, task_pb2
 from podshim.backends.base import Backend, ContainerRequest
-from podshim.backends.host.backend import HostBackend
 from podshim.backends.runc.backend import RuncBackend, RuncSettings
 from podshim.events import Publisher, task_events, timestamp
 from podshim.oci import ContainerType
@@ -146,6 +145,8 @@ class TaskService:
                 self._publish_oom,
             )
         if isolation == "host":
+            from podshim.backends.host.backend import HostBackend  # only host-process pods pay for it
+
             return HostBackend(self.namespace, self._publish_oom)
         if isolation == "vm":
             raise errdefs.NotImplementedErr(f"isolation '{isolation}' is not available in this build")
