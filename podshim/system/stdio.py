@@ -19,13 +19,17 @@ import struct
 import tempfile
 import termios
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from podshim import errdefs
 from podshim.system import reaper
 
 LOGGER_KILL_AFTER = 12.0
-DRAIN_TIMEOUT = 2.0
+# Delete waits for output copies while they make progress, as long as they do (up to a limit):
+# a fixed 2 s, as runc-v2 has, truncates large outputs when the machine is busy.
+DRAIN_IDLE = 2.0
+DRAIN_LIMIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ async def _writable(fd: int) -> None:
         loop.remove_writer(fd)
 
 
-async def pump(src: int, dst: int) -> None:
+async def pump(src: int, dst: int, progress: Callable[[], None] | None = None) -> None:
     """Copy src to dst until EOF (or EIO: a pty whose last slave closed)."""
     os.set_blocking(src, False)
     os.set_blocking(dst, False)
@@ -84,6 +88,8 @@ async def pump(src: int, dst: int) -> None:
             except OSError:
                 return  # the reader is gone for good (a container's stdin after exit)
             view = view[n:]
+            if progress is not None:
+                progress()
 
 
 def _open_fifo_pair(path: str) -> tuple[int, int]:
@@ -114,6 +120,7 @@ class ProcessIO:
     _stdout_dst: int | None = None
     _copies: list[asyncio.Task[None]] = field(default_factory=list)
     _outputs: list[asyncio.Task[None]] = field(default_factory=list)
+    _last_progress: float = 0.0
     _logger_pid: int = 0
     _logger_exit: asyncio.Future[reaper.Exit] | None = None
     console_dir: str | None = None
@@ -194,7 +201,7 @@ class ProcessIO:
     def _spawn_copy(self, src: int, dst: int, output: bool = True) -> None:
         async def run() -> None:
             try:
-                await pump(src, dst)
+                await pump(src, dst, self._progressed if output else None)
             finally:
                 _close(src, dst)
 
@@ -316,11 +323,20 @@ class ProcessIO:
         _close(self._stdin_keep)
         self._stdin_keep = None
 
-    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
-        """Wait (bounded) for output copies to finish after the process exited."""
-        outputs = [t for t in self._outputs if not t.done()]
-        if outputs:
-            await asyncio.wait(outputs, timeout=timeout)
+    def _progressed(self) -> None:
+        self._last_progress = asyncio.get_running_loop().time()
+
+    async def drain(self, idle: float = DRAIN_IDLE, limit: float = DRAIN_LIMIT) -> None:
+        """Wait for output copies to finish after the process exited: until they stall for
+        ``idle`` seconds (a writer that never closes, such as a daemonised grandchild holding
+        stdout) or ``limit`` passes."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while outputs := [t for t in self._outputs if not t.done()]:
+            await asyncio.wait(outputs, timeout=0.1)
+            now = loop.time()
+            if now - max(self._last_progress, start) > idle or now - start > limit:
+                return
 
     async def close(self) -> None:
         if self._closed:
