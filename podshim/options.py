@@ -28,6 +28,8 @@ class VMSettings:
     vcpus: int = 0
     kernel_path: str = ""
     initrd_path: str = ""
+    max_memory_mib: int = 0  # limits on what pod annotations may ask for
+    max_vcpus: int = 0
 
 
 @dataclass

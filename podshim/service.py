@@ -97,11 +97,8 @@ class TaskService:
 
         def adapt(fn: Callable[[Any], Awaitable[Message]]) -> Handler:
             if not debug:
-
-                async def handler(req: Message, ctx: RequestContext) -> Message:
-                    return await fn(req)
-
-                return handler
+                # No extra coroutine frame per request: hand back the method's own coroutine.
+                return lambda req, ctx: fn(req)
 
             async def traced(req: Message, ctx: RequestContext) -> Message:
                 log.debug("-> %s %s", ctx.method, str(req).replace("\n", " "))
@@ -114,8 +111,6 @@ class TaskService:
                 return resp
 
             return traced
-
-            return handler
 
         return {name: Method(rt, adapt(fn)) for name, (rt, fn) in table.items()}
 
@@ -149,7 +144,11 @@ class TaskService:
 
             return HostBackend(self.namespace, self._publish_oom)
         if isolation == "vm":
-            raise errdefs.NotImplementedErr(f"isolation '{isolation}' is not available in this build")
+            from podshim.backends.vm.backend import VMBackend  # imported only by VM pods
+            from podshim.backends.vm.spec import resolve_params
+
+            params = resolve_params(opts.vm, oci.of(req.spec))
+            return VMBackend(params, oci.grouping_key(req.spec, req.id), self._publish_oom)
         raise errdefs.InvalidArgument(
             f"unknown isolation '{isolation}' in '{oci.ISOLATION}': want process, vm or host"
         )

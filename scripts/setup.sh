@@ -28,7 +28,7 @@ fi
 
 # --- 1. Debian packages -------------------------------------------------------------------------
 PACKAGES=(containerd runc busybox-static containernetworking-plugins iproute2 util-linux gcc libc6-dev
-          python3 python3-venv)
+          python3 python3-venv qemu-system-x86)
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 missing=()
 for p in "${PACKAGES[@]}"; do installed "$p" || missing+=("$p"); done
@@ -85,5 +85,8 @@ fi
 
 # --- 3. CRI client stubs for tests/cri (from Debian's containerd source package; cached) ----------
 scripts/gen-cri-stubs.sh
+
+# --- 4. Pod VM image (vm isolation): Debian's kernel + our initramfs, cached, idempotent ----------
+.venv/bin/podshim vm-image
 
 log "done"

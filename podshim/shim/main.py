@@ -187,6 +187,10 @@ def delete(args: argparse.Namespace) -> int:
         except OSError as e:
             sys.stderr.write(f"unmount rootfs: {e}\n")
     key = oci.grouping_key(_read_spec(bundle), args.id)
+    if os.path.isdir(os.environ.get("PODSHIM_VM_RUN_DIR") or "/run/podshim/vm"):
+        from podshim.vm.qemu import clean_up_after_shim  # a dead VM pod's shares and run dir
+
+        clean_up_after_shim(key, args.id)
     address.remove_if_dead(address.socket_path(args.address, args.namespace, key, bundle))
     pid = 0
     with contextlib.suppress(OSError, ValueError), open(os.path.join(bundle, "init.pid")) as f:

@@ -327,7 +327,18 @@ def prepare(directory: str = "", *, force: bool = False, log: Callable[[str], No
     if not elf_is_static(busybox):
         # A dynamic busybox would need a libc the initramfs does not have.
         raise ImageError(f"{BUSYBOX} is not statically linked: apt-get install busybox-static")
-    package = resolve_kernel_package()
+    try:
+        package = resolve_kernel_package()
+    except ImageError as e:
+        # Offline, or apt lists not fetched yet: a cached image is still good to boot.
+        if force:
+            raise
+        try:
+            current = locate(d)
+        except ImageError:
+            raise e from None
+        log(f"cannot check for a newer kernel ({e}); keeping {current.package} in {d}")
+        return current
     if not force:
         with contextlib.suppress(ImageError):
             current = locate(d)

@@ -1,0 +1,169 @@
+"""Pure logic of the VM backend: the pod VM's parameters, and an OCI spec made fit for the guest.
+
+Parameters come from the handler's options (``ShimOptions.vm``) and may be overridden per pod by
+annotations, within the handler's limits.  Everything is checked before anything is created, so
+a bad option is an InvalidArgument with nothing to clean up.
+
+The guest runs runc on a bundle in the pod share.  A spec written for the host names host paths
+the guest cannot see; :func:`guest_spec` rewrites it:
+
+* bind mounts of host files and dirs become binds of ``<share>/<cid>/mounts/<n>``, into which the
+  backend bind-mounts the host source (9p carries it into the guest);
+* ``/dev/shm`` binds (CRI's per-pod shm) become the guest's own ``/dev/shm``: one per VM, which is
+  one per pod;
+* a network namespace given by a host path (CRI's pinned netns) is dropped, so the container
+  shares the guest's root network namespace, where eth0 holds the pod IP.  Namespaces given as
+  ``/proc/<pid>/ns/*`` stay: the pids we report are guest pids, so CRI's paths for workloads
+  joining the sandbox are right as they are, inside the guest;
+* systemd cgroup paths become cgroupfs ones (the guest has no systemd); AppArmor and SELinux
+  labels and OCI hooks, all host-side notions, are dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from podshim import errdefs
+from podshim.vm import image as vmimage
+
+ANN_MEMORY = "podshim.io/vm.memory-mib"
+ANN_VCPUS = "podshim.io/vm.vcpus"
+MIN_MEMORY_MIB = 128  # Debian's kernel alone takes about 60 MiB of it
+DEFAULT_MEMORY_MIB = 256
+DEFAULT_VCPUS = 1
+DEFAULT_MAX_MEMORY_MIB = 16384
+
+
+@dataclass(frozen=True)
+class VMParams:
+    memory_mib: int
+    vcpus: int
+    kernel: str
+    initrd: str
+
+
+def _annotation_int(annotations: Mapping[str, str], key: str) -> int | None:
+    raw = annotations.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise errdefs.InvalidArgument(f"annotation '{key}': '{raw}' is not an integer") from None
+    return value
+
+
+def resolve_params(
+    vm: Any,
+    annotations: Mapping[str, str],
+    locate: Callable[[], vmimage.Image] = vmimage.locate,
+    cpu_count: int | None = None,
+) -> VMParams:
+    """``vm`` is ``options.VMSettings``; zero fields mean "default"."""
+    memory = int(vm.memory_mib or DEFAULT_MEMORY_MIB)
+    vcpus = int(vm.vcpus or DEFAULT_VCPUS)
+    max_memory = int(getattr(vm, "max_memory_mib", 0) or max(memory, DEFAULT_MAX_MEMORY_MIB))
+    max_vcpus = int(getattr(vm, "max_vcpus", 0) or max(vcpus, cpu_count or os.cpu_count() or 1))
+    if (m := _annotation_int(annotations, ANN_MEMORY)) is not None:
+        if m > max_memory:
+            raise errdefs.InvalidArgument(
+                f"annotation '{ANN_MEMORY}': {m} MiB exceeds the handler's limit of {max_memory} MiB"
+            )
+        memory = m
+    if (v := _annotation_int(annotations, ANN_VCPUS)) is not None:
+        if v > max_vcpus:
+            raise errdefs.InvalidArgument(
+                f"annotation '{ANN_VCPUS}': {v} exceeds the handler's limit of {max_vcpus}"
+            )
+        vcpus = v
+    if memory < MIN_MEMORY_MIB:
+        raise errdefs.InvalidArgument(f"VM memory {memory} MiB is below the minimum of {MIN_MEMORY_MIB} MiB")
+    if vcpus < 1:
+        raise errdefs.InvalidArgument(f"VM vCPUs must be at least 1, not {vcpus}")
+    kernel, initrd = str(vm.kernel_path or ""), str(vm.initrd_path or "")
+    if not kernel or not initrd:
+        try:
+            img = locate()
+        except vmimage.ImageError as e:
+            raise errdefs.InvalidArgument(f"no VM image: {e}") from e
+        kernel, initrd = kernel or img.kernel, initrd or img.initrd
+    for what, path in (("kernel", kernel), ("initramfs", initrd)):
+        if not os.path.isfile(path):
+            raise errdefs.InvalidArgument(f"VM {what} {path} does not exist")
+    return VMParams(memory, vcpus, kernel, initrd)
+
+
+# -- the guest's spec -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path to bind-mount at ``<share>/<cid>/<name>`` before the guest creates the container."""
+
+    source: str
+    name: str
+    is_dir: bool
+
+
+def _is_bind(m: Mapping[str, Any]) -> bool:
+    opts = m.get("options") or []
+    return m.get("type") == "bind" or "bind" in opts or "rbind" in opts
+
+
+def guest_spec(
+    spec: dict[str, Any], guest_dir: str, is_dir: Callable[[str], bool] = os.path.isdir
+) -> tuple[dict[str, Any], list[Bind]]:
+    """The spec the guest's runc gets for a bundle at ``guest_dir``, and the binds it needs."""
+    out = copy.deepcopy(spec)
+    binds: list[Bind] = []
+    out.setdefault("root", {})["path"] = "rootfs"
+    mounts = []
+    for m in out.get("mounts") or []:
+        m = dict(m)
+        src = str(m.get("source") or "")
+        if _is_bind(m) and src.startswith("/"):
+            if m.get("destination") == "/dev/shm":
+                m["source"] = "/dev/shm"
+            else:
+                name = f"mounts/{len(binds)}"
+                binds.append(Bind(src, name, is_dir(src)))
+                m["source"] = f"{guest_dir}/{name}"
+        mounts.append(m)
+    if "mounts" in out:
+        out["mounts"] = mounts
+    linux = out.get("linux")
+    if isinstance(linux, dict):
+        namespaces = []
+        for ns in linux.get("namespaces") or []:
+            ns = dict(ns)
+            path = str(ns.get("path") or "")
+            if path and not path.startswith("/proc/"):
+                if ns.get("type") == "network":
+                    continue  # join the guest's root netns, where the pod's interface is
+                ns.pop("path")
+            namespaces.append(ns)
+        if "namespaces" in linux:
+            linux["namespaces"] = namespaces
+        cg = str(linux.get("cgroupsPath") or "")
+        if ":" in cg:
+            linux["cgroupsPath"] = "/podshim/" + cg.rsplit(":", 1)[-1]
+        linux.pop("mountLabel", None)
+        linux.pop("seccompNotify", None)
+    proc = out.get("process")
+    if isinstance(proc, dict):
+        proc.pop("apparmorProfile", None)
+        proc.pop("selinuxLabel", None)
+    out.pop("hooks", None)
+    return out, binds
+
+
+def guest_process(process: dict[str, Any]) -> dict[str, Any]:
+    """An exec's process spec, with the host-only labels dropped."""
+    out = dict(process)
+    out.pop("apparmorProfile", None)
+    out.pop("selinuxLabel", None)
+    return out

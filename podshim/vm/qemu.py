@@ -1,0 +1,408 @@
+"""One pod VM: a qemu process, its run dir and its shares.
+
+Machine: ``-M microvm`` booting the ELF ``vmlinux`` through PVH, virtio-mmio devices only.
+Accelerator: KVM where the host CPU has real virtualisation, TCG otherwise (:func:`detect_accel`).
+Devices:
+
+* a virtio-serial port named ``podshim.agent`` on a unix-socket chardev: the agent channel
+  (the only transport this build has; AF_VSOCK would slot in beside it on hosts with
+  vhost-vsock, which the machines we test on lack);
+* three 9p exports: the host's ``/usr`` read-only (the guest's whole userland), the installed
+  ``podshim.guest`` package read-only (the agent), and the pod's rw share, into which the
+  backend bind-mounts each container's rootfs and mounts;
+* optionally a virtio-net device on a tap in the pod's network namespace.
+
+qemu runs as our child through the shim's reaper, with ``PR_SET_PDEATHSIG`` so that even a
+SIGKILLed shim leaves no VM behind.  Boots are limited across every shim on the host by a few
+``flock``ed slot files: a TCG boot is CPU-bound, and many at once only make all of them late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from podshim.system import mounts, reaper
+from podshim.vm import image as vmimage
+
+log = logging.getLogger(__name__)
+
+QEMU = "qemu-system-x86_64"
+RUN_ROOT_ENV = "PODSHIM_VM_RUN_DIR"
+DEFAULT_RUN_ROOT = "/run/podshim/vm"
+ACCEL_ENV = "PODSHIM_VM_ACCEL"
+BOOT_SLOTS_ENV = "PODSHIM_VM_BOOT_SLOTS"
+DEFAULT_BOOT_SLOTS = 2
+AGENT_PORT = "podshim.agent"
+TCG_TB_SIZE_MIB = 32  # halves the translation cache's RSS; smaller makes python 3x slower
+PR_SET_PDEATHSIG = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class VMError(Exception):
+    """The VM could not be started or has gone; the message says why."""
+
+
+@dataclass(frozen=True)
+class Accel:
+    name: str  # "kvm" | "tcg"
+    reason: str
+
+
+def _cpu_flags(cpuinfo: str) -> set[str]:
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def detect_accel(
+    cpuinfo: str | None = None, dev_kvm: str = "/dev/kvm", sys_module: str = "/sys/module"
+) -> Accel:
+    """KVM only where it can run a stock kernel: a vmx/svm CPU flag and a usable /dev/kvm.
+
+    /dev/kvm alone is not enough: a PVM host (kvm_pvm loaded, no vmx/svm, as on the machines
+    this was developed on) offers /dev/kvm but runs only PVM-patched guest kernels; Debian's
+    kernel dies there in emulation failures.  ``$PODSHIM_VM_ACCEL`` forces a choice."""
+    forced = os.environ.get(ACCEL_ENV, "")
+    if forced in ("kvm", "tcg"):
+        return Accel(forced, f"${ACCEL_ENV}={forced}")
+    if not os.path.exists(dev_kvm):
+        return Accel("tcg", f"{dev_kvm} does not exist")
+    if not os.access(dev_kvm, os.R_OK | os.W_OK):
+        return Accel("tcg", f"{dev_kvm} is not usable by this user")
+    if os.path.isdir(os.path.join(sys_module, "kvm_pvm")):
+        return Accel("tcg", "kvm_pvm is loaded: this /dev/kvm runs no stock guest kernel")
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    flags = _cpu_flags(cpuinfo)
+    if not flags & {"vmx", "svm"}:
+        return Accel("tcg", "the CPU has no vmx or svm flag")
+    return Accel("kvm", "vmx/svm and /dev/kvm")
+
+
+def host_tsc_khz(cpuinfo: str | None = None) -> int:
+    """Under TCG the guest reads the host TSC; telling it the rate skips PIT calibration, which on
+    microvm under TCG sometimes fails and hangs the boot."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return 0
+    for line in cpuinfo.splitlines():
+        if line.startswith("cpu MHz"):
+            with contextlib.suppress(ValueError):
+                return int(float(line.partition(":")[2]) * 1000)
+    return 0
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A tap device (already in the netns qemu starts in) and the MAC the guest's eth0 takes."""
+
+    ifname: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    name: str
+    memory_mib: int
+    vcpus: int
+    kernel: str
+    initrd: str
+    run_dir: str
+    agent_dir: str = field(default_factory=lambda: os.path.dirname(os.path.abspath(_guest_package())))
+    netns: str = ""
+    tap: Tap | None = None
+    faults: bool = False
+
+    @property
+    def agent_socket(self) -> str:
+        return os.path.join(self.run_dir, "agent.sock")
+
+    @property
+    def shared_dir(self) -> str:
+        return os.path.join(self.run_dir, "shared")
+
+    @property
+    def console_log(self) -> str:
+        return os.path.join(self.run_dir, "console.log")
+
+
+def _guest_package() -> str:
+    from podshim.guest import agent
+
+    return agent.__file__
+
+
+def kernel_cmdline(accel: Accel, tsc_khz: int, faults: bool = False) -> str:
+    parts = [
+        "console=ttyS0",
+        "panic=-1",  # with -no-reboot: an agent (PID 1) crash ends qemu
+        "quiet",
+        "cryptomgr.notests",
+        "random.trust_cpu=on",
+        "tsc=reliable",
+        "no_timer_check",
+        "8250.nr_uarts=1",
+        "audit=0",
+        "apparmor=0",
+        "lsm=capability",
+    ]
+    if accel.name == "tcg":
+        if tsc_khz:
+            parts.append(f"tsc_early_khz={tsc_khz}")
+        # TCG does not emulate speculative execution, so the mitigations only cost boot time.
+        parts.append("mitigations=off")
+    if faults:
+        parts.append("podshim.faults=1")
+    return " ".join(parts)
+
+
+def qemu_argv(cfg: VMConfig, accel: Accel, tsc_khz: int) -> list[str]:
+    argv = [QEMU, "-name", cfg.name, "-M", "microvm"]
+    if accel.name == "kvm":
+        argv += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        argv += ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}"]
+    argv += [
+        "-m", f"{cfg.memory_mib}M",
+        "-smp", str(cfg.vcpus),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-serial", "stdio",
+        "-kernel", cfg.kernel,
+        "-initrd", cfg.initrd,
+        "-append", kernel_cmdline(accel, tsc_khz, cfg.faults),
+        "-fsdev", "local,id=usr,path=/usr,security_model=none,readonly=on,multidevs=forbid",
+        "-device", f"virtio-9p-device,fsdev=usr,mount_tag={vmimage.TAG_USR}",
+        "-fsdev", f"local,id=agent,path={cfg.agent_dir},security_model=none,readonly=on,multidevs=forbid",
+        "-device", f"virtio-9p-device,fsdev=agent,mount_tag={vmimage.TAG_AGENT}",
+        # remap: the share holds bind mounts of other filesystems (rootfs overlays, files).
+        "-fsdev", f"local,id=shared,path={cfg.shared_dir},security_model=none,multidevs=remap",
+        "-device", f"virtio-9p-device,fsdev=shared,mount_tag={vmimage.TAG_SHARED}",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={cfg.agent_socket},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+    ]  # fmt: skip
+    if cfg.tap is not None:
+        argv += [
+            "-netdev", f"tap,id=net0,ifname={cfg.tap.ifname},script=no,downscript=no",
+            "-device", f"virtio-net-device,netdev=net0,mac={cfg.tap.mac}",
+        ]  # fmt: skip
+    return argv
+
+
+def run_root() -> str:
+    return os.environ.get(RUN_ROOT_ENV) or DEFAULT_RUN_ROOT
+
+
+def run_dir_for(key: str, root: str = "") -> str:
+    """The run dir of a pod's VM (its shim's grouping key: the sandbox id).  Hashed when the agent
+    socket in it would not fit sun_path."""
+    root = root or run_root()
+    name = key
+    if len(os.path.join(root, name, "agent.sock")) > 107:
+        name = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return os.path.join(root, name)
+
+
+def clean_up_after_shim(key: str, container_id: str) -> None:
+    """For the shim's ``delete`` action, after containerd lost a shim: remove what a dead shim left
+    of one container in its pod VM's share, and the whole run dir once its qemu is gone (qemu dies
+    with its shim, through PDEATHSIG).  Cheap when there is nothing to do."""
+    run_dir = run_dir_for(key)
+    if not os.path.isdir(run_dir):
+        return
+    share = os.path.join(run_dir, "shared", container_id)
+    if os.path.exists(share):
+        with contextlib.suppress(OSError):
+            mounts.unmount_all(share)
+        shutil.rmtree(share, ignore_errors=True)
+    if not _qemu_alive(run_dir):
+        remove_run_dir(run_dir)
+
+
+def _qemu_alive(run_dir: str) -> bool:
+    try:
+        with open(os.path.join(run_dir, "qemu.pid")) as f:
+            pid = int(f.read().strip())
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("qemu-system")
+    except (OSError, ValueError):
+        return False
+
+
+# -- boot slots ---------------------------------------------------------------------------------
+
+
+class BootSlot:
+    """One of N host-wide boot slots: an flock on ``<run root>/boot-slots/<i>``.  The kernel drops
+    the lock when its holder dies, so a crashed shim never keeps a slot."""
+
+    def __init__(self, root: str, slots: int) -> None:
+        self.dir = os.path.join(root, "boot-slots")
+        self.slots = max(1, slots)
+        self.fd = -1
+
+    async def acquire(self, poll: float = 0.05) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        while True:
+            for i in range(self.slots):
+                fd = os.open(os.path.join(self.dir, str(i)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    os.close(fd)
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    continue
+                self.fd = fd
+                return
+            await asyncio.sleep(poll)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# -- the VM -------------------------------------------------------------------------------------
+
+
+def _enter_netns_and_die_with_parent(netns_fd: int) -> Callable[[], None]:
+    def preexec() -> None:
+        # Runs in the forked child before exec: qemu dies with the shim, and opens its tap in
+        # the pod's network namespace (a tap can only be opened by name from inside it).
+        if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(121)
+        if netns_fd >= 0 and _libc.setns(netns_fd, 0x40000000) != 0:  # CLONE_NEWNET
+            os._exit(122)
+
+    return preexec
+
+
+class QemuVM:
+    def __init__(self, cfg: VMConfig) -> None:
+        self.cfg = cfg
+        self.accel = detect_accel()
+        self.pid = 0
+        self.started_at = 0.0
+        self.exit_status: int | None = None
+        self._exited: asyncio.Future[reaper.Exit] | None = None
+        self._on_exit: list[Callable[[int], None]] = []
+        self._closed = False
+
+    @property
+    def alive(self) -> bool:
+        return self.pid != 0 and self.exit_status is None
+
+    def on_exit(self, callback: Callable[[int], None]) -> None:
+        """Call back once with qemu's exit status when it exits (not when close() kills it)."""
+        self._on_exit.append(callback)
+
+    def spawn(self) -> None:
+        cfg = self.cfg
+        os.makedirs(cfg.shared_dir, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(cfg.agent_socket)
+        argv = qemu_argv(cfg, self.accel, host_tsc_khz() if self.accel.name == "tcg" else 0)
+        if shutil.which(QEMU) is None:
+            raise VMError(f"{QEMU} not found: apt-get install qemu-system-x86")
+        console = os.open(cfg.console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        netns_fd = os.open(cfg.netns, os.O_RDONLY | os.O_CLOEXEC) if cfg.netns else -1
+        try:
+            self.started_at = time.monotonic()
+            proc, self._exited = reaper.spawn(
+                argv,
+                stdout=console,
+                stderr=console,
+                start_new_session=True,
+                preexec_fn=_enter_netns_and_die_with_parent(netns_fd),
+            )
+        finally:
+            os.close(console)
+            if netns_fd >= 0:
+                os.close(netns_fd)
+        self.pid = proc.pid
+        self._exited.add_done_callback(self._qemu_exited)
+        with open(os.path.join(cfg.run_dir, "qemu.pid"), "w") as f:
+            f.write(str(self.pid))
+        log.info("pod VM %s: qemu pid %d (%s: %s)", cfg.name, self.pid, self.accel.name, self.accel.reason)
+
+    def _qemu_exited(self, fut: asyncio.Future[reaper.Exit]) -> None:
+        self.exit_status = fut.result().status if not fut.cancelled() else -1
+        if self._closed:
+            return
+        log.warning(
+            "pod VM %s: qemu exited with status %s\n%s", self.cfg.name, self.exit_status, self.console_tail()
+        )
+        for cb in self._on_exit:
+            cb(self.exit_status)
+
+    async def wait_socket(self, deadline: float) -> None:
+        """qemu creates the chardev socket right after exec; wait for it or for qemu's exit."""
+        while not os.path.exists(self.cfg.agent_socket):
+            if not self.alive:
+                raise VMError(f"qemu exited with status {self.exit_status}: {self.console_tail()}")
+            if time.monotonic() > deadline:
+                raise VMError("qemu did not create its agent socket")
+            await asyncio.sleep(0.01)
+
+    def console_tail(self, limit: int = 2000) -> str:
+        try:
+            with open(self.cfg.console_log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - limit))
+                return f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def memory(self) -> dict[str, int]:
+        """qemu's RSS and PSS in bytes (0 when unknown)."""
+        out = {"rss": 0, "pss": 0}
+        if not self.alive:
+            return out
+        with contextlib.suppress(OSError), open(f"/proc/{self.pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss"):
+                    out[key.lower()] = int(rest.split()[0]) * 1024
+        return out
+
+    async def close(self) -> None:
+        """Kill qemu, reap it, remove the run dir.  Idempotent; the caller unmounted its shares."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        if self._exited is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._exited)
+        remove_run_dir(self.cfg.run_dir)
+
+
+def remove_run_dir(run_dir: str) -> None:
+    """Unmount whatever is still mounted below the run dir, then remove it."""
+    with contextlib.suppress(FileNotFoundError):
+        mounts.unmount_all(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,157 @@
+"""A hypervisor-isolated pod through containerd's CRI plugin: the pod annotation
+`podshim.io/isolation: vm` puts the sandbox and every container in one utility VM.
+
+TCG boots are slow and CPU-bound, so there are two tests and each boots one VM.  The guard in
+conftest.py checks that nothing (shim, process, mount, socket, cgroup, veth) is left; these tests
+also check for qemu processes and pod share dirs themselves.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import time
+from pathlib import Path
+
+from podshim.backends.vm.spec import ANN_MEMORY
+from podshim.vm import image as vmimage
+from podshim.vm import qemu
+
+from .checks import wait_no_shim
+from .client import EXITED, NOTREADY, READY, RUNNING, CriClient
+from .harness import CNI_SUBNET, PODSHIM_HANDLER, SHIM_BINARIES, CriContainerd
+
+VM = {"podshim.io/isolation": "vm"}
+HTTPD = [
+    "sh",
+    "-c",
+    "mkdir -p /www && echo pong > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www",
+]
+SLEEPER = ["sleep", "3600"]
+
+
+def qemu_pids() -> list[int]:
+    own = os.readlink("/proc/self/ns/mnt")
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            exe = os.readlink(f"/proc/{entry}/exe")
+            ns = os.readlink(f"/proc/{entry}/ns/mnt")
+        except OSError:
+            continue
+        if os.path.basename(exe).startswith("qemu-system") and ns == own:
+            found.append(int(entry))
+    return found
+
+
+def wait_until(pred: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(pred) and pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_vm_gone(pod_id: str) -> None:
+    wait_until(lambda: not qemu_pids(), 20, "qemu to exit")
+    assert not Path(qemu.run_dir_for(pod_id)).exists(), "the pod's VM run dir (shares, sockets) is left"
+
+
+def memory_of(pid: int) -> tuple[int, int]:
+    rss = pss = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key == "Rss":
+            rss = int(rest.split()[0]) // 1024
+        elif key == "Pss":
+            pss = int(rest.split()[0]) // 1024
+    return rss, pss
+
+
+def test_vm_pod(cri: CriClient, cri_containerd: CriContainerd, busybox: str) -> None:
+    release = vmimage.locate().release
+    assert release != os.uname().release
+    shim_binary = SHIM_BINARIES[PODSHIM_HANDLER]
+
+    t0 = time.monotonic()
+    pod = cri.run_pod("vmpod", PODSHIM_HANDLER, {**VM, ANN_MEMORY: "256"})
+    boot = time.monotonic() - t0
+    assert cri.pod_status(pod.id)[0].state == READY
+    assert len(qemu_pids()) == 1
+
+    # Two containers, in the guest: its kernel, its localhost.
+    t1 = time.monotonic()
+    server = cri.run_container(pod, "server", HTTPD, image=busybox)
+    first_container = time.monotonic() - t1
+    client = cri.run_container(pod, "client", SLEEPER, image=busybox)
+    for cid in (server, client):
+        assert cri.wait_container_state(cid, RUNNING).state == RUNNING
+        assert cri.exec_sync(cid, ["uname", "-r"]).stdout.strip() == release
+        assert cri.exec_sync(cid, ["hostname"]).stdout.strip() == "vmpod"
+    nets = {cri.exec_sync(cid, ["readlink", "/proc/self/ns/net"]).stdout for cid in (server, client)}
+    assert len(nets) == 1, f"the containers are in different network namespaces: {nets}"
+    deadline = time.monotonic() + 20
+    while (got := cri.exec_sync(client, ["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"])).exit_code != 0:
+        assert time.monotonic() < deadline, f"the client never reached the server over localhost: {got}"
+        time.sleep(0.2)
+    assert got.stdout == "pong\n"
+
+    # The guest holds the pod IP: the node reaches it, and it reaches the node's bridge.
+    pod_ip = cri.pod_status(pod.id)[0].network.ip
+    assert f"inet {pod_ip}/" in cri.exec_sync(client, ["ip", "-4", "addr", "show", "eth0"]).stdout
+    gateway = str(next(ipaddress.ip_network(CNI_SUBNET).hosts()))
+    assert cri.exec_sync(client, ["ping", "-c", "1", "-W", "5", gateway]).exit_code == 0
+    cri_containerd.netns.run("/bin/busybox", "ping", "-c", "1", "-W", "5", pod_ip)
+
+    # ExecSync: output and exit codes.
+    res = cri.exec_sync(client, ["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (res.stdout, res.stderr, res.exit_code) == ("out\n", "err\n", 3)
+
+    # A container that exits on its own: its code, and its output in the log.
+    quitter = cri.run_container(pod, "quitter", ["sh", "-c", "echo bye; exit 7"], image=busybox)
+    st = cri.wait_container_state(quitter, EXITED, timeout=60)
+    assert st.exit_code == 7
+    assert cri.wait_log(pod, quitter, "bye\n")
+
+    # SIGKILL of a workload (StopContainer with no grace) does not take the VM down.
+    (qpid,) = qemu_pids()
+    rss, pss = memory_of(qpid)
+    cri.stop_container(client, 0)
+    assert cri.container_status(client)[0].exit_code == 137
+    assert qemu_pids() == [qpid]
+    assert cri.exec_sync(server, ["echo", "still here"]).stdout == "still here\n"
+    assert cri.pod_status(pod.id)[0].state == READY
+
+    cri.remove_container(quitter)
+    cri.stop_pod(pod.id)
+    assert cri.pod_status(pod.id)[0].state == NOTREADY
+    assert cri.container_status(server)[0].state == EXITED
+    cri.remove_pod(pod.id)
+    wait_no_shim(shim_binary, pod.id)
+    assert_vm_gone(pod.id)
+    print(
+        f"\nVM pod: RunPodSandbox {boot:.2f} s, first container created+started {first_container:.2f} s, "
+        f"qemu RSS {rss} MiB PSS {pss} MiB"
+    )
+
+
+def test_vm_pod_qemu_killed(cri: CriClient, busybox: str) -> None:
+    """qemu killed from outside: every container exits with status 1, the pod is NOTREADY, and
+    stop and remove still clean everything up."""
+    shim_binary = SHIM_BINARIES[PODSHIM_HANDLER]
+    pod = cri.run_pod("vmkill", PODSHIM_HANDLER, VM)
+    app = cri.run_container(pod, "app", SLEEPER, image=busybox)
+    cri.wait_container_state(app, RUNNING)
+    (qpid,) = qemu_pids()
+    os.kill(qpid, signal.SIGKILL)
+    st = cri.wait_container_state(app, EXITED, timeout=30)
+    assert st.exit_code == 1
+    assert cri.wait_pod_state(pod.id, NOTREADY).state == NOTREADY
+    cri.stop_pod(pod.id)
+    cri.remove_pod(pod.id)
+    wait_no_shim(shim_binary, pod.id)
+    assert_vm_gone(pod.id)

@@ -1,0 +1,363 @@
+"""Pure logic of VM isolation: option validation, the guest's spec, the accelerator choice, qemu's
+command line and the boot image helpers.  No VM is started."""
+
+from __future__ import annotations
+
+import io
+import lzma
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from podshim import errdefs
+from podshim.backends.vm import spec as vmspec
+from podshim.options import VMSettings
+from podshim.vm import image as vmimage
+from podshim.vm import qemu
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> tuple[str, str]:
+    k, i = tmp_path / "vmlinux", tmp_path / "initrd.cpio"
+    k.write_bytes(b"\x7fELF")
+    i.write_bytes(b"070701")
+    return str(k), str(i)
+
+
+def _no_image() -> vmimage.Image:
+    raise vmimage.ImageError("no pod VM image in /nowhere: run `podshim vm-image`")
+
+
+# -- parameters ----------------------------------------------------------------------------------
+
+
+def test_defaults(kernel: tuple[str, str]) -> None:
+    p = vmspec.resolve_params(VMSettings(kernel_path=kernel[0], initrd_path=kernel[1]), {})
+    assert (p.memory_mib, p.vcpus, p.kernel, p.initrd) == (256, 1, *kernel)
+
+
+def test_image_from_the_cache(kernel: tuple[str, str]) -> None:
+    img = vmimage.Image("/d", kernel[0], kernel[1], "pkg", "1", "rel", ())
+    p = vmspec.resolve_params(VMSettings(), {}, locate=lambda: img)
+    assert (p.kernel, p.initrd) == kernel
+
+
+def test_annotations_override_within_limits(kernel: tuple[str, str]) -> None:
+    vm = VMSettings(
+        memory_mib=512, kernel_path=kernel[0], initrd_path=kernel[1], max_memory_mib=1024, max_vcpus=2
+    )
+    p = vmspec.resolve_params(vm, {vmspec.ANN_MEMORY: "1024", vmspec.ANN_VCPUS: "2"})
+    assert (p.memory_mib, p.vcpus) == (1024, 2)
+    with pytest.raises(errdefs.InvalidArgument, match="exceeds the handler's limit of 1024 MiB"):
+        vmspec.resolve_params(vm, {vmspec.ANN_MEMORY: "2048"})
+    with pytest.raises(errdefs.InvalidArgument, match="exceeds the handler's limit of 2"):
+        vmspec.resolve_params(vm, {vmspec.ANN_VCPUS: "3"})
+
+
+@pytest.mark.parametrize(
+    ("settings", "annotations", "message"),
+    [
+        ({"memory_mib": 64}, {}, "VM memory 64 MiB is below the minimum of 128 MiB"),
+        ({}, {vmspec.ANN_MEMORY: "100"}, "below the minimum"),
+        ({}, {vmspec.ANN_MEMORY: "lots"}, "is not an integer"),
+        ({}, {vmspec.ANN_VCPUS: "0"}, "at least 1"),
+        ({"kernel_path": "/no/such/vmlinux"}, {}, "VM kernel /no/such/vmlinux does not exist"),
+    ],
+)
+def test_bad_options_are_invalid_argument(
+    kernel: tuple[str, str], settings: dict[str, Any], annotations: dict[str, str], message: str
+) -> None:
+    vm = VMSettings(**{"kernel_path": kernel[0], "initrd_path": kernel[1], **settings})
+    with pytest.raises(errdefs.InvalidArgument, match=message):
+        vmspec.resolve_params(vm, annotations)
+
+
+def test_missing_image_is_invalid_argument() -> None:
+    with pytest.raises(errdefs.InvalidArgument, match="podshim vm-image"):
+        vmspec.resolve_params(VMSettings(), {}, locate=_no_image)
+
+
+# -- the guest's spec ------------------------------------------------------------------------------
+
+
+CRI_LIKE: dict[str, Any] = {
+    "root": {"path": "/host/bundle/rootfs", "readonly": False},
+    "process": {"args": ["sh"], "apparmorProfile": "cri-containerd.apparmor.d", "selinuxLabel": "x"},
+    "hooks": {"prestart": [{"path": "/usr/bin/hook"}]},
+    "mounts": [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {
+            "destination": "/etc/hosts",
+            "type": "bind",
+            "source": "/var/lib/x/hosts",
+            "options": ["rbind", "ro"],
+        },
+        {"destination": "/data", "source": "/srv/data", "options": ["bind"]},
+        {"destination": "/dev/shm", "type": "bind", "source": "/run/sandboxes/p/shm", "options": ["rbind"]},
+    ],
+    "linux": {
+        "cgroupsPath": "kubepods-besteffort.slice:cri-containerd:abc",
+        "mountLabel": "y",
+        "namespaces": [
+            {"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1234"},
+            {"type": "ipc", "path": "/proc/42/ns/ipc"},
+            {"type": "uts", "path": "/somewhere/else"},
+            {"type": "mount"},
+        ],
+    },
+}
+
+
+def test_guest_spec() -> None:
+    out, binds = vmspec.guest_spec(CRI_LIKE, "/run/podshim/shared/c1", is_dir=lambda p: p == "/srv/data")
+    assert out["root"]["path"] == "rootfs"
+    assert binds == [
+        vmspec.Bind("/var/lib/x/hosts", "mounts/0", False),
+        vmspec.Bind("/srv/data", "mounts/1", True),
+    ]
+    m = {x["destination"]: x for x in out["mounts"]}
+    assert m["/etc/hosts"]["source"] == "/run/podshim/shared/c1/mounts/0"
+    assert m["/etc/hosts"]["options"] == ["rbind", "ro"]
+    assert m["/data"]["source"] == "/run/podshim/shared/c1/mounts/1"
+    assert m["/dev/shm"]["source"] == "/dev/shm"  # the VM's own: one per pod
+    assert m["/proc"] == CRI_LIKE["mounts"][0]
+    assert out["linux"]["namespaces"] == [
+        {"type": "pid"},
+        {"type": "ipc", "path": "/proc/42/ns/ipc"},  # a guest pid: right as it is
+        {"type": "uts"},
+        {"type": "mount"},
+    ]
+    assert out["linux"]["cgroupsPath"] == "/podshim/abc"
+    assert "mountLabel" not in out["linux"] and "hooks" not in out
+    assert "apparmorProfile" not in out["process"] and "selinuxLabel" not in out["process"]
+    assert CRI_LIKE["linux"]["namespaces"][1]["path"] == "/var/run/netns/cni-1234"  # input untouched
+
+
+def test_guest_process() -> None:
+    assert vmspec.guest_process({"args": ["x"], "apparmorProfile": "p"}) == {"args": ["x"]}
+
+
+# -- accelerator and command line ---------------------------------------------------------------
+
+
+def _kvm_host(tmp_path: Path, modules: tuple[str, ...] = ()) -> tuple[str, str]:
+    dev = tmp_path / "kvm"
+    dev.write_text("")
+    sysmod = tmp_path / "module"
+    for m in ("kvm", *modules):
+        (sysmod / m).mkdir(parents=True)
+    return str(dev), str(sysmod)
+
+
+def test_accel_kvm_only_with_vmx_or_svm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(qemu.ACCEL_ENV, raising=False)
+    dev, sysmod = _kvm_host(tmp_path)
+    assert qemu.detect_accel("flags\t: fpu vmx sse", dev, sysmod).name == "kvm"
+    assert qemu.detect_accel("flags\t: fpu svm", dev, sysmod).name == "kvm"
+    assert qemu.detect_accel("flags\t: fpu sse", dev, sysmod).name == "tcg"
+    assert qemu.detect_accel("flags\t: vmx", str(tmp_path / "none"), sysmod).name == "tcg"
+
+
+def test_accel_pvm_host_is_tcg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(qemu.ACCEL_ENV, raising=False)
+    dev, sysmod = _kvm_host(tmp_path, ("kvm_pvm",))
+    accel = qemu.detect_accel("flags\t: vmx", dev, sysmod)
+    assert accel.name == "tcg" and "kvm_pvm" in accel.reason
+
+
+def test_accel_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(qemu.ACCEL_ENV, "tcg")
+    assert qemu.detect_accel("flags\t: vmx").name == "tcg"
+
+
+def test_qemu_argv(tmp_path: Path) -> None:
+    cfg = qemu.VMConfig(
+        name="p", memory_mib=256, vcpus=2, kernel="/k", initrd="/i", run_dir=str(tmp_path), agent_dir="/a"
+    )
+    tcg = qemu.qemu_argv(cfg, qemu.Accel("tcg", ""), 2596124)
+    joined = " ".join(tcg)
+    assert "-accel tcg,tb-size=32" in joined and "-m 256M" in joined and "-smp 2" in joined
+    assert "tsc_early_khz=2596124" in joined and "mitigations=off" in joined
+    assert f"path={cfg.agent_socket}" in joined and "-no-reboot" in tcg
+    assert "path=/usr,security_model=none,readonly=on,multidevs=forbid" in joined
+    kvm = " ".join(qemu.qemu_argv(cfg, qemu.Accel("kvm", ""), 0))
+    assert "-accel kvm -cpu host" in kvm and "tsc_early_khz" not in kvm and "mitigations=off" not in kvm
+    assert "-netdev" not in kvm
+    tap = qemu.VMConfig(**{**cfg.__dict__, "tap": qemu.Tap("tap0", "02:00:00:00:00:01")})
+    assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01" in " ".join(
+        qemu.qemu_argv(tap, qemu.Accel("tcg", ""), 0)
+    )
+
+
+def test_host_tsc_khz() -> None:
+    assert qemu.host_tsc_khz("model name\t: x\ncpu MHz\t\t: 2596.124\n") == 2596124
+    assert qemu.host_tsc_khz("nothing") == 0
+
+
+def test_boot_slots_limit_concurrency(tmp_path: Path) -> None:
+    import asyncio
+
+    async def main() -> None:
+        a, b, c = (qemu.BootSlot(str(tmp_path), 2) for _ in range(3))
+        await a.acquire()
+        await b.acquire()
+        waiting = asyncio.ensure_future(c.acquire(poll=0.01))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        a.release()
+        await asyncio.wait_for(waiting, 1)
+        b.release()
+        c.release()
+
+    asyncio.run(main())
+
+
+# -- image helpers ---------------------------------------------------------------------------------
+
+
+def test_kernel_package_from_depends() -> None:
+    out = "linux-image-amd64\n  Depends: linux-image-6.1.0-57-amd64\n"
+    assert vmimage.kernel_package_from_depends(out) == "linux-image-6.1.0-57-amd64"
+    with pytest.raises(vmimage.ImageError, match="apt-get update"):
+        vmimage.kernel_package_from_depends("linux-image-amd64\n")
+
+
+def test_extract_vmlinux() -> None:
+    elf = b"\x7fELF" + os.urandom(1000)
+    bz = b"MZ setup code" + lzma.compress(elf, format=lzma.FORMAT_XZ)
+    assert vmimage.extract_vmlinux(bz) == elf
+    with pytest.raises(vmimage.ImageError, match="no xz payload"):
+        vmimage.extract_vmlinux(b"MZ nothing here")
+
+
+def test_module_load_order() -> None:
+    deps = {
+        "9p": ["9pnet", "netfs"],
+        "9pnet": [],
+        "netfs": ["fscache"],
+        "fscache": [],
+        "a": ["b"],
+        "b": ["a"],
+    }
+    order = vmimage.load_order(["9p"], deps.__getitem__, deps)
+    assert order.index("9pnet") < order.index("9p") and order.index("fscache") < order.index("netfs")
+    with pytest.raises(vmimage.ImageError, match="cycle"):
+        vmimage.load_order(["a"], deps.__getitem__, deps)
+    with pytest.raises(vmimage.ImageError, match="not in the kernel package"):
+        vmimage.load_order(["virtio_fs"], deps.__getitem__, deps)
+
+
+def test_modinfo_depends() -> None:
+    ko = b"\x00license=GPL\x00depends=virtio,virtio_ring\x00vermagic=6.1\x00"
+    assert vmimage.modinfo_depends(ko) == ["virtio", "virtio_ring"]
+    assert vmimage.modinfo_depends(b"\x00depends=\x00") == []
+
+
+def _read_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
+    entries: dict[str, tuple[int, bytes]] = {}
+    pos = 0
+    while True:
+        assert data[pos : pos + 6] == b"070701"
+        fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name = data[pos + 110 : pos + 110 + namesize - 1].decode()
+        pos = (pos + 110 + namesize + 3) & ~3
+        body = data[pos : pos + size]
+        pos = (pos + size + 3) & ~3
+        if name == "TRAILER!!!":
+            return entries
+        entries[name] = (mode, body)
+
+
+def test_initramfs_layout() -> None:
+    out = io.BytesIO()
+    vmimage.write_initramfs(out, b"BUSYBOX", {"virtio": b"KO1", "9p": b"KO2"}, ["virtio", "9p"])
+    entries = _read_cpio(out.getvalue())
+    assert entries["bb/busybox"] == (0o100755, b"BUSYBOX")
+    assert entries["bb/sh"] == (0o120777, b"busybox")
+    assert entries["mods/order"][1] == b"virtio\n9p\n"
+    assert entries["mods/9p.ko"][1] == b"KO2"
+    init = entries["init"][1].decode()
+    assert init.startswith("#!/bb/sh") and "switch_root" in init and vmimage.TAG_SHARED in init
+    assert entries["dev/console"][0] & 0o170000 == 0o020000
+
+
+def test_locate_explains_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(vmimage.ImageError, match="podshim vm-image"):
+        vmimage.locate(str(tmp_path))
+    (tmp_path / vmimage.MANIFEST).write_text('{"format": 0}')
+    with pytest.raises(vmimage.ImageError, match="format 0"):
+        vmimage.locate(str(tmp_path))
+
+
+def test_elf_is_static() -> None:
+    assert not vmimage.elf_is_static(b"#!/bin/sh\n")
+
+
+# -- network -----------------------------------------------------------------------------------------
+
+
+def test_pod_netns() -> None:
+    from podshim.vm import network
+
+    def spec(*ns: dict[str, str]) -> dict[str, Any]:
+        return {"linux": {"namespaces": list(ns)}}
+
+    assert (
+        network.pod_netns(spec({"type": "network", "path": "/var/run/netns/cni-1"})) == "/var/run/netns/cni-1"
+    )
+    assert network.pod_netns(spec({"type": "network"})) == ""  # ctr: a namespace of its own
+    assert network.pod_netns(spec({"type": "pid"})) == ""  # host network
+    assert network.pod_netns(spec({"type": "network", "path": "/proc/7/ns/net"})) == ""
+
+
+def test_guest_network_commands() -> None:
+    import socket
+
+    from podshim.vm import network
+
+    net = network.PodNetwork(
+        netns="/n",
+        ifname="eth0",
+        index=3,
+        mac="02:42:0a:e7:00:05",
+        mtu=1450,
+        addresses=(
+            network.Address(socket.AF_INET, "10.231.0.5", 24),
+            network.Address(socket.AF_INET6, "fd00::5", 64),
+        ),
+        routes=(
+            network.Route(socket.AF_INET, "", 0, "10.231.0.1"),
+            network.Route(socket.AF_INET, "10.9.0.0", 16, ""),
+        ),
+    )
+    assert network.guest_commands(net) == [
+        ["link", "set", "eth0", "mtu", "1450"],
+        ["link", "set", "eth0", "up"],
+        ["-4", "addr", "add", "10.231.0.5/24", "dev", "eth0"],
+        ["-6", "addr", "add", "fd00::5/64", "dev", "eth0"],
+        ["-4", "route", "replace", "10.9.0.0/16", "dev", "eth0"],
+        ["-4", "route", "replace", "default", "via", "10.231.0.1", "dev", "eth0"],
+    ]
+
+
+def test_run_dir_for_fits_sun_path(tmp_path: Path) -> None:
+    assert qemu.run_dir_for("pod1", "/run/podshim/vm") == "/run/podshim/vm/pod1"
+    long_root = "/" + "r" * 60
+    d = qemu.run_dir_for("a" * 64, long_root)
+    assert len(os.path.join(d, "agent.sock")) <= 107 and d.startswith(long_root)
+    assert qemu.run_dir_for("a" * 64, long_root) == d  # stable: the delete action finds it again
+
+
+def test_clean_up_after_a_dead_shim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(qemu.RUN_ROOT_ENV, str(tmp_path))
+    run_dir = Path(qemu.run_dir_for("pod"))
+    (run_dir / "shared" / "c1" / "rootfs").mkdir(parents=True)
+    (run_dir / "shared" / "c2").mkdir(parents=True)
+    (run_dir / "qemu.pid").write_text(str(os.getpid()))  # alive, and not a qemu: not ours to keep
+    qemu.clean_up_after_shim("pod", "c1")
+    assert not run_dir.exists()
+    qemu.clean_up_after_shim("pod", "c1")  # nothing left to do
