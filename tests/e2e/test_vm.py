@@ -53,7 +53,15 @@ def _assert_no_vm_left() -> None:
     """No qemu, and nothing of any pod VM (run dir, share, mounts) under the run root."""
     _wait(lambda: not _qemu_pids(), 20, "qemu to exit")
     root = qemu.run_root()
-    left = [e for e in (os.listdir(root) if os.path.isdir(root) else []) if e != "boot-slots"]
+
+    def run_dirs() -> list[str]:
+        return [e for e in (os.listdir(root) if os.path.isdir(root) else []) if e != "boot-slots"]
+
+    # The shim tears the run dir down just after qemu's exit is reaped: give it a moment.
+    deadline = time.monotonic() + 10
+    while run_dirs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = run_dirs()
     assert left == [], f"pod VM run dirs left in {root}: {left}"
     with open("/proc/self/mountinfo") as f:
         assert not [line for line in f if f" {root}/" in line], "mounts left under the VM run root"
