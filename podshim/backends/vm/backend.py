@@ -338,6 +338,8 @@ class VMContainer(Container):
         except AgentGone as e:
             raise errdefs.NotFound(f"the pod VM is gone: {e}") from e
         metrics = resp["metrics"]
+        if self.id == self.backend.owner:
+            _add_vm_usage(metrics, self.backend)
         return V2_METRICS_URL, json_format.ParseDict(
             metrics, cgroups_v2_pb2.Metrics(), ignore_unknown_fields=True
         ).SerializeToString()
@@ -355,6 +357,29 @@ class VMContainer(Container):
             await p.close()
         self._remove_bundle()
         await b.container_deleted(self)
+
+
+def _add_vm_usage(metrics: dict[str, Any], backend: VMBackend) -> None:
+    """The owner task (the sandbox) reports what the VM itself costs the node, as hcsshim's owner
+    task does: qemu's CPU time and resident memory, with the VM's size as the limit.  They go in
+    the cgroup Metrics containerd knows how to decode (any other type breaks CRI's stats)."""
+    vm = backend.vm
+    if vm is None or not vm.alive:
+        return
+    try:
+        with open(f"/proc/{vm.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return
+    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    usec = ticks * 1_000_000 // os.sysconf("SC_CLK_TCK")
+    cpu = metrics.setdefault("cpu", {})
+    cpu["usage_usec"] = usec
+    cpu["user_usec"] = int(fields[11]) * 1_000_000 // os.sysconf("SC_CLK_TCK")
+    cpu["system_usec"] = int(fields[12]) * 1_000_000 // os.sysconf("SC_CLK_TCK")
+    memory = metrics.setdefault("memory", {})
+    memory["usage"] = vm.memory()["rss"]
+    memory["usage_limit"] = backend.params.memory_mib * 1024 * 1024
 
 
 class VMBackend(Backend):
