@@ -28,3 +28,9 @@ conformance: setup
 conformance-runc: setup
 	PEER=$(PEER) $(CONFORMANCE_KIT)/setup.sh
 	PEER=$(PEER) $(CONFORMANCE_KIT)/run-client-tests.sh -no-criu -test.timeout 30m
+
+bench:
+	scripts/bench.sh
+
+bench-smoke:
+	scripts/bench.sh --smoke

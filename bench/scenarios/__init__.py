@@ -1,0 +1,1 @@
+"""The scenarios: each module has NAME, TITLE and run(env, ...) -> ScenarioResult."""
