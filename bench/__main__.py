@@ -15,7 +15,7 @@ from typing import Any
 
 from bench import REPO
 from bench.env import BenchEnv, Env
-from bench.scenarios import execstorm, lifecycle, memory, podstart, profile, rpc, scale
+from bench.scenarios import execstorm, lifecycle, memory, podstart, profile, rpc, scale, vmpod
 from bench.stats import ScenarioResult
 
 RESULTS = REPO / "bench" / "results"
@@ -30,6 +30,7 @@ SCENARIOS: dict[str, Scenario] = {
     profile.NAME: (profile.run, {"actions": 10, "churn": 10}, {"actions": 1, "churn": 1}),
     scale.NAME: (scale.run, {"counts": (1, 10, 50, 100)}, {"counts": (1,)}),
     execstorm.NAME: (execstorm.run, {"calls": 200}, {"calls": 2}),
+    vmpod.NAME: (vmpod.run, {"iterations": 3, "warmup": 0}, {"iterations": 1, "warmup": 0}),
 }
 
 
