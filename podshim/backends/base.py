@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from podshim.system.mounts import Mount
+from podshim.system.reaper import Exit
 from podshim.system.stdio import StdioConfig
 
 ExitCallback = Callable[[int, float], None]
@@ -67,6 +68,27 @@ class Process(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release stdio and whatever else the process holds.  Idempotent."""
+
+
+class ReapedProcess(Process):
+    """A process whose exit the shim's reaper reports: the exit is remembered, and passed to the
+    exec layer's callback exactly once, whichever of the two comes first."""
+
+    def __init__(self) -> None:
+        self._exit: Exit | None = None
+        self._exit_callback: ExitCallback | None = None
+
+    def exited(self, ex: Exit) -> None:
+        self._exit = ex
+        if self._exit_callback is not None:
+            cb, self._exit_callback = self._exit_callback, None
+            cb(ex.status, ex.at)
+
+    def on_exit(self, callback: ExitCallback) -> None:
+        if self._exit is not None:
+            callback(self._exit.status, self._exit.at)
+        else:
+            self._exit_callback = callback
 
 
 class Container(abc.ABC):

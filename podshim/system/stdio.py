@@ -44,7 +44,8 @@ class StdioConfig:
         return not (self.stdin or self.stdout or self.stderr)
 
 
-async def _readable(fd: int) -> None:
+async def readable(fd: int) -> None:
+    """Wait until fd is readable (or at EOF/hang-up)."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
     loop.add_reader(fd, lambda: None if fut.done() else fut.set_result(None))
@@ -54,7 +55,8 @@ async def _readable(fd: int) -> None:
         loop.remove_reader(fd)
 
 
-async def _writable(fd: int) -> None:
+async def writable(fd: int) -> None:
+    """Wait until fd takes a write."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
     loop.add_writer(fd, lambda: None if fut.done() else fut.set_result(None))
@@ -72,7 +74,7 @@ async def pump(src: int, dst: int, progress: Callable[[], None] | None = None) -
         try:
             data = os.read(src, 32768)
         except BlockingIOError:
-            await _readable(src)
+            await readable(src)
             continue
         except OSError:
             return
@@ -83,7 +85,7 @@ async def pump(src: int, dst: int, progress: Callable[[], None] | None = None) -
             try:
                 n = os.write(dst, view)
             except BlockingIOError:
-                await _writable(dst)
+                await writable(dst)
                 continue
             except OSError:
                 return  # the reader is gone for good (a container's stdin after exit)
@@ -243,7 +245,7 @@ class ProcessIO:
                 os.read(fd, 1)
                 return
             except BlockingIOError:
-                await _readable(fd)
+                await readable(fd)
 
     async def _terminal_output(self, cid: str, ns: str) -> int | None:
         cfg = self.config

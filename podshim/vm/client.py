@@ -21,6 +21,7 @@ from typing import Any
 
 from podshim import errdefs
 from podshim.guest import protocol as P
+from podshim.system.stdio import readable, writable
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +43,6 @@ class AgentError(errdefs.ShimError):
     """The agent answered with an error it does not classify (runc's failures, mostly)."""
 
 
-async def _writable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    loop.add_writer(fd, lambda: None if fut.done() else fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_writer(fd)
-
-
-async def _readable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, lambda: None if fut.done() else fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
-
-
 class _OutputSink:
     """Guest output for one stream: written to ``fd`` in order, acknowledged once written."""
 
@@ -81,7 +62,7 @@ class _OutputSink:
                     try:
                         n = os.write(self.fd, view)
                     except BlockingIOError:
-                        await _writable(self.fd)
+                        await writable(self.fd)
                         continue
                     except OSError:
                         broken = True  # nobody reads any more: drop, but keep acknowledging
@@ -120,7 +101,7 @@ class _InputSource:
                 try:
                     data = os.read(self.fd, P.DATA_CHUNK)
                 except BlockingIOError:
-                    await _readable(self.fd)
+                    await readable(self.fd)
                     continue
                 except OSError:
                     data = b""

@@ -19,28 +19,24 @@ from collections.abc import Callable
 from typing import Any
 
 from podshim import errdefs, oci
-from podshim.backends.base import Backend, Container, ContainerRequest, ExitCallback, Process, ProcessGone
+from podshim.backends.base import Backend, Container, ContainerRequest, Process, ProcessGone, ReapedProcess
 from podshim.backends.host.launch import Held, LaunchSpec, env_of, rlimits_of, spawn_held
 from podshim.backends.host.sandbox import SandboxHolder
 from podshim.system import cgroups, mounts
-from podshim.system.cgroups import Cgroup, OOMWatcher, v1_metrics, v2_metrics
-from podshim.system.reaper import Exit
+from podshim.system.cgroups import Cgroup, OOMWatcher
 from podshim.system.stdio import ProcessIO, StdioConfig
 
 MOUNT_POINT_ENV = "CONTAINER_SANDBOX_MOUNT_POINT"
-V1_METRICS_URL = "io.containerd.cgroups.v1.Metrics"
-V2_METRICS_URL = "io.containerd.cgroups.v2.Metrics"
 
 
-class HostProcess(Process):
+class HostProcess(ReapedProcess):
     def __init__(self, container: HostContainer, process_spec: dict[str, Any], stdio: StdioConfig) -> None:
+        super().__init__()
         self.container = container
         self.spec = process_spec
         self.stdio = stdio
         self.pio: ProcessIO | None = None
         self._held: Held | None = None
-        self._exit: Exit | None = None
-        self._callback: ExitCallback | None = None
         self._stdin_closed = False
 
     async def prepare(self) -> None:
@@ -64,7 +60,7 @@ class HostProcess(Process):
             self.pio.attach_console(master)
         self.pio.started()
         self.pid = self._held.pid
-        self._held.exited.add_done_callback(lambda f: self._exited(f.result()))
+        self._held.exited.add_done_callback(lambda f: self.exited(f.result()))
 
     def _launch_spec(self, tty_slave: int | None) -> LaunchSpec:
         c = self.container
@@ -89,18 +85,6 @@ class HostProcess(Process):
             stdio=self.pio.child_stdio if self.pio is not None else None,
             tty_slave=tty_slave,
         )
-
-    def _exited(self, ex: Exit) -> None:
-        self._exit = ex
-        if self._callback is not None:
-            cb, self._callback = self._callback, None
-            cb(ex.status, ex.at)
-
-    def on_exit(self, callback: ExitCallback) -> None:
-        if self._exit is not None:
-            callback(self._exit.status, self._exit.at)
-        else:
-            self._callback = callback
 
     async def start(self) -> int:
         if self._held is None:
@@ -211,19 +195,7 @@ class HostContainer(Container):
         return self.cgroup.pids()
 
     async def stats(self) -> tuple[str, bytes]:
-        from google.protobuf import json_format
-
-        if not self.cgroup.exists():
-            raise errdefs.NotFound("cgroup does not exist")
-        if self.cgroup.v2:
-            from podshim.api import cgroups_v2_pb2
-
-            msg2 = json_format.ParseDict(v2_metrics(self.cgroup), cgroups_v2_pb2.Metrics())
-            return V2_METRICS_URL, msg2.SerializeToString()
-        from podshim.api import cgroups_v1_pb2
-
-        msg1 = json_format.ParseDict(v1_metrics(self.cgroup), cgroups_v1_pb2.Metrics())
-        return V1_METRICS_URL, msg1.SerializeToString()
+        return cgroups.metrics(self.cgroup)
 
     async def delete(self) -> None:
         if self._deleted:

@@ -10,16 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from podshim import errdefs
-from podshim.backends.base import Backend, Container, ContainerRequest, ExitCallback, Process, ProcessGone
+from podshim.backends.base import Backend, Container, ContainerRequest, Process, ProcessGone, ReapedProcess
 from podshim.backends.runc.runc import Runc, RuncError, read_pid_file
-from podshim.system import mounts
-from podshim.system.cgroups import Cgroup, OOMWatcher, v1_metrics, v2_metrics
-from podshim.system.reaper import REAPER, Exit
+from podshim.system import cgroups, mounts
+from podshim.system.cgroups import Cgroup, OOMWatcher
+from podshim.system.reaper import REAPER
 from podshim.system.stdio import ProcessIO, StdioConfig
-
-V1_METRICS_URL = "io.containerd.cgroups.v1.Metrics"
-V2_METRICS_URL = "io.containerd.cgroups.v2.Metrics"
 
 
 @dataclass(frozen=True)
@@ -33,30 +29,17 @@ class RuncSettings:
     io_gid: int = 0
 
 
-class _RuncProcess(Process):
-    """Exit bookkeeping shared by init and execs: an exit may come before start() returns."""
+class _RuncProcess(ReapedProcess):
+    """What init and execs share: their stdio, and their pid claimed from the reaper."""
 
     def __init__(self, pio: ProcessIO | None) -> None:
+        super().__init__()
         self.pio = pio
-        self._exit: Exit | None = None
-        self._on_exit: ExitCallback | None = None
         self._stdin_closed = False
 
     def _claim(self, pid: int) -> None:
         self.pid = pid
-        REAPER.claim(pid, self._exited)
-
-    def _exited(self, ex: Exit) -> None:
-        self._exit = ex
-        if self._on_exit is not None:
-            cb, self._on_exit = self._on_exit, None
-            cb(ex.status, ex.at)
-
-    def on_exit(self, callback: ExitCallback) -> None:
-        if self._exit is not None:
-            callback(self._exit.status, self._exit.at)
-        else:
-            self._on_exit = callback
+        REAPER.claim(pid, self.exited)
 
     def resize(self, width: int, height: int) -> None:
         if self.pio is not None:
@@ -272,22 +255,7 @@ class RuncContainer(Container):
         return await self.runc.ps(self.id)
 
     async def stats(self) -> tuple[str, bytes]:
-        from google.protobuf import json_format
-
-        cg = self.cgroup
-        if cg is None or not cg.exists():
-            raise errdefs.NotFound("cgroup does not exist")
-        if cg.v2:
-            from podshim.api import cgroups_v2_pb2
-
-            return V2_METRICS_URL, json_format.ParseDict(
-                v2_metrics(cg), cgroups_v2_pb2.Metrics()
-            ).SerializeToString()
-        from podshim.api import cgroups_v1_pb2
-
-        return V1_METRICS_URL, json_format.ParseDict(
-            v1_metrics(cg), cgroups_v1_pb2.Metrics()
-        ).SerializeToString()
+        return cgroups.metrics(self.cgroup)
 
     async def delete(self) -> None:
         if self._deleted:

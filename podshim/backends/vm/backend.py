@@ -31,6 +31,7 @@ from podshim import errdefs, oci
 from podshim.backends.base import Backend, Container, ContainerRequest, ExitCallback, Process, ProcessGone
 from podshim.backends.vm import spec as vmspec
 from podshim.system import mounts
+from podshim.system.cgroups import V2_METRICS_URL
 from podshim.system.stdio import ProcessIO, StdioConfig
 from podshim.vm import image as vmimage
 from podshim.vm import network, qemu
@@ -38,7 +39,6 @@ from podshim.vm.client import AgentClient, AgentGone
 
 log = logging.getLogger(__name__)
 
-V2_METRICS_URL = "io.containerd.cgroups.v2.Metrics"
 BOOT_TIMEOUT = 180.0  # TCG with two boots sharing two cores, plus a wait for a boot slot
 FORCED_EXIT_STATUS = 1
 DRAIN_TIMEOUT = 2.0
