@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import os
 import shutil
 import signal
 import socket
 import struct
-import tempfile
 import termios
 import urllib.parse
 from collections.abc import Callable
@@ -94,6 +94,21 @@ async def pump(src: int, dst: int, progress: Callable[[], None] | None = None) -
                 progress()
 
 
+_dir_counter = itertools.count()
+
+
+def _private_dir(prefix: str) -> str:
+    """A fresh 0700 directory in /tmp (short: it holds a unix socket).  Not tempfile, whose
+    imports cost every shim over 1 MiB."""
+    while True:
+        path = os.path.join("/tmp", f"{prefix}-{os.getpid()}-{next(_dir_counter)}")
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+
+
 def _open_fifo_pair(path: str) -> tuple[int, int]:
     """Our own reader and writer on a FIFO: opens never block and writes never fail with EPIPE."""
     r = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -150,7 +165,7 @@ class ProcessIO:
     async def _open(self, cid: str, ns: str, uid: int, gid: int) -> None:
         cfg = self.config
         if cfg.terminal:
-            self.console_dir = tempfile.mkdtemp(prefix="podshim-pty")
+            self.console_dir = _private_dir("podshim-pty")
             if cfg.stdin:
                 self._stdin_fifo_r, self._stdin_keep = _open_fifo_pair(cfg.stdin)
             self._stdout_dst = await self._terminal_output(cid, ns)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -117,7 +116,9 @@ class RuncExec(_RuncProcess):
         c = self.container
         assert self.pio is not None
         pid_file = os.path.join(c.bundle, f"{self.exec_id}.pid")
-        fd, spec_path = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=c.bundle)
+        # Exec ids are unique among live execs: the name cannot clash with another start.
+        spec_path = os.path.join(c.bundle, f".exec-{self.exec_id}.json")
+        fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.spec, f)
