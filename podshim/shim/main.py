@@ -126,8 +126,13 @@ def start(args: Args) -> int:
     # Fork rather than exec: the child inherits an interpreter with everything imported.
     # asyncio imports ssl if it can; the shim speaks only over unix sockets, and ssl costs every
     # shim ~4 ms and ~1.4 MiB.  asyncio works without it.
-    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    blocked = "ssl" not in sys.modules
+    if blocked:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
     import podshim.shim.daemon  # noqa: F401 - warm the imports before forking
+
+    if blocked:
+        del sys.modules["ssl"]  # whatever needs it later (pyroute2, for VM pods) may load it
 
     pid = os.fork()
     if pid == 0:
