@@ -77,10 +77,12 @@ def run(env: Env, actions: int = 10, churn: int = 10) -> ScenarioResult:
                                   capture_output=True, timeout=60, check=False)  # fmt: skip
             # From the bundle, not stdout: py-spy prints there too, right after the address.
             address_file = b.path / "address"
-            if proc.returncode != 0 or not address_file.exists():
+            if not address_file.exists():
                 raise RuntimeError(f"start under py-spy failed: {proc.stdout!r} {proc.stderr!r}")
-            address = address_file.read_text()
-            shutdown(address, b, find_server(podshim.basename, b.task_id))
+            # The action worked: its server must go whether or not py-spy got its samples.
+            shutdown(address_file.read_text(), b, find_server(podshim.basename, b.task_id))
+            if proc.returncode != 0:
+                skipped += 1  # py-spy lost the race with a process this short: no sample
             _load(out / f"start-{i}.txt", stacks["start"])
             argv = [
                 spy,
@@ -110,7 +112,7 @@ def run(env: Env, actions: int = 10, churn: int = 10) -> ScenarioResult:
             b.drain_log()
             b.remove()
     if skipped:
-        res.notes.append(f"py-spy failed to record {skipped} of {actions} delete actions (too short-lived)")
+        res.notes.append(f"py-spy failed to record {skipped} of {2 * actions} actions (too short-lived)")
 
     # The server: attach to a pod's shim, then churn containers through it.
     pod, _ = start_pod(env, PODSHIM, "profile")
