@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import time
 
 from .checks import assert_one_shim, wait_no_shim
 from .client import EXITED, NOTREADY, RUNNING, CriClient
@@ -68,3 +70,38 @@ def test_sandbox_killed_from_outside(cri: CriClient, busybox: str, handler: str,
     cri.remove_pod(pod.id)
     assert cri.list_containers(pod.id) == []
     wait_no_shim(shim_binary, pod.id)
+
+
+def test_pod_shim_killed(cri: CriClient, busybox: str, handler: str, shim_binary: str) -> None:
+    """SIGKILL the pod's shim: CRI's Wait fails, so it records exit code 255 for the running
+    containers (spec §1.7); containerd runs our `delete` for each task, which kills them; stop and
+    remove then clean up fully."""
+    pod = cri.run_pod("shimless", handler)
+    cid = cri.run_container(pod, "app", ["sleep", "3600"], image=busybox)
+    cri.wait_container_state(cid, RUNNING)
+    shim_pid = assert_one_shim(cri, pod, shim_binary, [cid])
+    app_pid = cri.container_pid(cid)
+
+    os.kill(shim_pid, signal.SIGKILL)
+    st = cri.wait_container_state(cid, EXITED)
+    assert st.exit_code == 255, (st.exit_code, st.reason, st.message)
+    cri.wait_pod_state(pod.id, NOTREADY)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{app_pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{app_pid}"), "the container outlived its shim's cleanup"
+    cri.stop_pod(pod.id)
+    cri.remove_pod(pod.id)
+    wait_no_shim(shim_binary, pod.id)
+    if handler != PODSHIM_HANDLER:
+        _remove_dead_sockets("/run/containerd/s")  # runc-v2 leaves its killed shim's socket; we don't
+
+
+def _remove_dead_sockets(directory: str) -> None:
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        path = os.path.join(directory, name)
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(path)
+            except OSError:
+                os.unlink(path)
