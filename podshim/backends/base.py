@@ -14,7 +14,7 @@ from typing import Any
 
 from podshim.system.mounts import Mount
 from podshim.system.reaper import Exit
-from podshim.system.stdio import StdioConfig
+from podshim.system.stdio import ProcessIO, StdioConfig
 
 ExitCallback = Callable[[int, float], None]
 """Called once with (exit status, unix time of the exit)."""
@@ -89,6 +89,29 @@ class ReapedProcess(Process):
             callback(self._exit.status, self._exit.at)
         else:
             self._exit_callback = callback
+
+
+class PipedProcess(ReapedProcess):
+    """A process on this host whose stdio the shim pipes itself (runc and host backends): the
+    stdio calls go to its ProcessIO once it has one, and a CloseIO that came first is kept."""
+
+    def __init__(self, pio: ProcessIO | None = None) -> None:
+        super().__init__()
+        self.pio = pio
+        self._stdin_closed = False
+
+    def resize(self, width: int, height: int) -> None:
+        if self.pio is not None:
+            self.pio.resize(width, height)
+
+    def close_stdin(self) -> None:
+        self._stdin_closed = True
+        if self.pio is not None:
+            self.pio.close_stdin()
+
+    async def drain(self) -> None:
+        if self.pio is not None:
+            await self.pio.drain()
 
 
 class Container(abc.ABC):

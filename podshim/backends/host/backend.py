@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from podshim import errdefs, oci
-from podshim.backends.base import Backend, Container, ContainerRequest, Process, ProcessGone, ReapedProcess
+from podshim.backends.base import Backend, Container, ContainerRequest, PipedProcess, Process, ProcessGone
 from podshim.backends.host.launch import Held, LaunchSpec, env_of, rlimits_of, spawn_held
 from podshim.backends.host.sandbox import SandboxHolder
 from podshim.system import cgroups, mounts
@@ -29,15 +29,13 @@ from podshim.system.stdio import ProcessIO, StdioConfig
 MOUNT_POINT_ENV = "CONTAINER_SANDBOX_MOUNT_POINT"
 
 
-class HostProcess(ReapedProcess):
+class HostProcess(PipedProcess):
     def __init__(self, container: HostContainer, process_spec: dict[str, Any], stdio: StdioConfig) -> None:
         super().__init__()
         self.container = container
         self.spec = process_spec
         self.stdio = stdio
-        self.pio: ProcessIO | None = None
         self._held: Held | None = None
-        self._stdin_closed = False
 
     async def prepare(self) -> None:
         """Create: open stdio and fork the process, held before exec."""
@@ -106,19 +104,6 @@ class HostProcess(ReapedProcess):
             os.kill(self.pid, sig)
         except ProcessLookupError as e:
             raise ProcessGone() from e
-
-    def resize(self, width: int, height: int) -> None:
-        if self.pio is not None:
-            self.pio.resize(width, height)
-
-    def close_stdin(self) -> None:
-        self._stdin_closed = True
-        if self.pio is not None:
-            self.pio.close_stdin()
-
-    async def drain(self) -> None:
-        if self.pio is not None:
-            await self.pio.drain()
 
     async def close(self) -> None:
         if self._held is not None and self._exit is None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from podshim.backends.base import Backend, Container, ContainerRequest, Process, ProcessGone, ReapedProcess
+from podshim.backends.base import Backend, Container, ContainerRequest, PipedProcess, Process, ProcessGone
 from podshim.backends.runc.runc import Runc, RuncError, read_pid_file
 from podshim.system import cgroups, mounts
 from podshim.system.cgroups import Cgroup, OOMWatcher
@@ -28,30 +28,12 @@ class RuncSettings:
     io_gid: int = 0
 
 
-class _RuncProcess(ReapedProcess):
-    """What init and execs share: their stdio, and their pid claimed from the reaper."""
-
-    def __init__(self, pio: ProcessIO | None) -> None:
-        super().__init__()
-        self.pio = pio
-        self._stdin_closed = False
+class _RuncProcess(PipedProcess):
+    """What init and execs share: their pid claimed from the reaper."""
 
     def _claim(self, pid: int) -> None:
         self.pid = pid
         REAPER.claim(pid, self.exited)
-
-    def resize(self, width: int, height: int) -> None:
-        if self.pio is not None:
-            self.pio.resize(width, height)
-
-    def close_stdin(self) -> None:
-        self._stdin_closed = True
-        if self.pio is not None:
-            self.pio.close_stdin()
-
-    async def drain(self) -> None:
-        if self.pio is not None:
-            await self.pio.drain()
 
     async def close(self) -> None:
         if self.pid and self._exit is None:
