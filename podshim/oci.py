@@ -70,3 +70,12 @@ def pass_through(sandbox: dict[str, Any], container: dict[str, Any], keys: tuple
     for key in keys:
         if key in src and key not in dst:
             dst[key] = src[key]
+
+
+def joins_or_shares_pid_namespace(spec: dict[str, Any]) -> bool:
+    """No pid namespace of its own (the host's, or one joined by path, as CRI pods sharing the
+    sandbox's): its init's exit does not take its descendants with it (spec §5.4)."""
+    for ns in (spec.get("linux") or {}).get("namespaces") or []:
+        if ns.get("type") == "pid":
+            return bool(ns.get("path"))
+    return True

@@ -14,6 +14,8 @@ import signal
 import time
 from pathlib import Path
 
+from harness import leaks
+
 from podshim.backends.vm.spec import ANN_MEMORY
 from podshim.vm import image as vmimage
 from podshim.vm import qemu
@@ -31,20 +33,7 @@ HTTPD = [
 SLEEPER = ["sleep", "3600"]
 
 
-def qemu_pids() -> list[int]:
-    own = os.readlink("/proc/self/ns/mnt")
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            exe = os.readlink(f"/proc/{entry}/exe")
-            ns = os.readlink(f"/proc/{entry}/ns/mnt")
-        except OSError:
-            continue
-        if os.path.basename(exe).startswith("qemu-system") and ns == own:
-            found.append(int(entry))
-    return found
+qemu_pids = leaks.qemu_pids
 
 
 def wait_until(pred: object, timeout: float, what: str) -> None:

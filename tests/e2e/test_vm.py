@@ -11,6 +11,7 @@ import signal
 import time
 
 import pytest
+from harness import leaks
 from harness.containerd import PrivateContainerd
 from harness.ctr import Ctr
 from harness.runtimes import PODSHIM
@@ -33,21 +34,7 @@ def _image() -> vmimage.Image:
         pytest.fail(f"{e}", pytrace=False)
 
 
-def _qemu_pids() -> list[int]:
-    """qemu processes of this test session (same mount namespace as ours)."""
-    own = os.readlink("/proc/self/ns/mnt")
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            exe = os.readlink(f"/proc/{entry}/exe")
-            ns = os.readlink(f"/proc/{entry}/ns/mnt")
-        except OSError:
-            continue
-        if os.path.basename(exe).startswith("qemu-system") and ns == own:
-            pids.append(int(entry))
-    return pids
+_qemu_pids = leaks.qemu_pids
 
 
 def _assert_no_vm_left() -> None:

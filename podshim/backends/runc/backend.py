@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from podshim import oci
 from podshim.backends.base import Backend, Container, ContainerRequest, PipedProcess, Process, ProcessGone
 from podshim.backends.runc.runc import Runc, RuncError, read_pid_file
 from podshim.system import cgroups, mounts
@@ -158,10 +159,7 @@ class RuncContainer(Container):
 
     @property
     def shares_pid_namespace(self) -> bool:
-        for ns in self.req.spec.get("linux", {}).get("namespaces", []) or []:
-            if ns.get("type") == "pid":
-                return bool(ns.get("path"))
-        return True
+        return oci.joins_or_shares_pid_namespace(self.req.spec)
 
     async def create(self) -> None:
         s = self.backend.settings

@@ -243,10 +243,7 @@ class VMContainer(Container):
 
     @property
     def shares_pid_namespace(self) -> bool:
-        for ns in self.req.spec.get("linux", {}).get("namespaces", []) or []:
-            if ns.get("type") == "pid":
-                return bool(ns.get("path"))
-        return True
+        return oci.joins_or_shares_pid_namespace(self.req.spec)
 
     async def create(self) -> None:
         b = self.backend

@@ -238,3 +238,20 @@ def reclaim(leaked: Snapshot) -> None:
     for m in sorted(leaked.mounts, key=lambda s: s.count("/"), reverse=True):
         umount_all_under(Path(m))
     remove_empty_cgroups(leaked.cgroups)
+
+
+def qemu_pids() -> list[int]:
+    """qemu processes of this test session (the same mount namespace as ours)."""
+    own = os.readlink("/proc/self/ns/mnt")
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            exe = os.readlink(f"/proc/{entry}/exe")
+            ns = os.readlink(f"/proc/{entry}/ns/mnt")
+        except OSError:
+            continue
+        if os.path.basename(exe).startswith("qemu-system") and ns == own:
+            pids.append(int(entry))
+    return pids
