@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.actions import Variant, find_server, make_bundle, shutdown
+from bench.actions import FakeBundle, Variant, find_server, make_bundle, shutdown
 from bench.env import PODSHIM, RUNTIMES, Env, shim_env
 from bench.pods import SLEEPER, log_path, remove_pod, start_pod, wait_output
 from bench.procs import shim_pid
@@ -56,57 +56,18 @@ def run(env: Env, actions: int = 10, churn: int = 10) -> ScenarioResult:
         i = next(ids)
         b = make_bundle(env, f"prof-{i}")
         try:
-            argv = [
-                spy,
-                "record",
-                "-r",
-                str(RATE),
-                "-f",
-                "raw",
-                "-o",
-                str(out / f"start-{i}.txt"),
-                "--nonblocking",
-            ]
-            argv += [
-                "--",
-                sys.executable,
-                script,
-                *_action_args(env, b.task_id, b.namespace, b.path, "start"),
-            ]
-            proc = subprocess.run(argv, cwd=b.path, env=shim_env(env.cd), stdin=subprocess.DEVNULL,
-                                  capture_output=True, timeout=60, check=False)  # fmt: skip
+            proc = _record(spy, script, env, b, out / f"start-{i}.txt", "start")
             # From the bundle, not stdout: py-spy prints there too, right after the address.
             address_file = b.path / "address"
             if not address_file.exists():
                 raise RuntimeError(f"start under py-spy failed: {proc.stdout!r} {proc.stderr!r}")
             # The action worked: its server must go whether or not py-spy got its samples.
             shutdown(address_file.read_text(), b, find_server(podshim.basename, b.task_id))
-            if proc.returncode != 0:
-                skipped += 1  # py-spy lost the race with a process this short: no sample
+            # py-spy can lose the race with a process this short (it exits before py-spy has
+            # read its interpreter state): a missing sample, not a shim failure.
+            skipped += proc.returncode != 0
             _load(out / f"start-{i}.txt", stacks["start"])
-            argv = [
-                spy,
-                "record",
-                "-r",
-                str(RATE),
-                "-f",
-                "raw",
-                "-o",
-                str(out / f"delete-{i}.txt"),
-                "--nonblocking",
-            ]
-            argv += [
-                "--",
-                sys.executable,
-                script,
-                *_action_args(env, b.task_id, b.namespace, b.path, "delete"),
-            ]
-            proc = subprocess.run(argv, cwd=b.path, env=shim_env(env.cd), stdin=subprocess.DEVNULL,
-                                  capture_output=True, timeout=60, check=False)  # fmt: skip
-            if proc.returncode != 0:
-                # py-spy can lose the race with a process this short (it exits before py-spy
-                # has read its interpreter state): a missing sample, not a shim failure.
-                skipped += 1
+            skipped += _record(spy, script, env, b, out / f"delete-{i}.txt", "delete").returncode != 0
             _load(out / f"delete-{i}.txt", stacks["delete"])
         finally:
             b.drain_log()
@@ -191,6 +152,16 @@ def _action_args(env: Env, task_id: str, namespace: str, bundle: Path, action: s
     if action == "delete":
         args += ["-bundle", str(bundle)]
     return [*args, action]
+
+
+def _record(
+    spy: str, script: str, env: Env, b: FakeBundle, samples: Path, action: str
+) -> subprocess.CompletedProcess[bytes]:
+    """Run one shim action in bundle ``b`` under py-spy, its samples going to ``samples``."""
+    argv = [spy, "record", "-r", str(RATE), "-f", "raw", "-o", str(samples), "--nonblocking", "--",
+            sys.executable, script, *_action_args(env, b.task_id, b.namespace, b.path, action)]  # fmt: skip
+    return subprocess.run(argv, cwd=b.path, env=shim_env(env.cd), stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=60, check=False)  # fmt: skip
 
 
 def _load(path: Path, counter: collections.Counter[str]) -> None:

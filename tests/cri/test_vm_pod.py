@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from harness import leaks
+from harness.poll import wait_until
 
 from podshim.backends.vm.spec import ANN_MEMORY
 from podshim.vm import image as vmimage
@@ -34,15 +35,6 @@ SLEEPER = ["sleep", "3600"]
 
 
 qemu_pids = leaks.qemu_pids
-
-
-def wait_until(pred: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(pred) and pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def assert_vm_gone(pod_id: str) -> None:

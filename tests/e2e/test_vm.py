@@ -14,6 +14,7 @@ import pytest
 from harness import leaks
 from harness.containerd import PrivateContainerd
 from harness.ctr import Ctr
+from harness.poll import wait_until
 from harness.runtimes import PODSHIM
 
 from podshim.backends.vm.backend import FAULT_ANNOTATION, FAULTS_ENV
@@ -55,13 +56,7 @@ def _assert_no_vm_left() -> None:
         assert not [line for line in f if f" {root}/" in line], "mounts left under the VM run root"
 
 
-def _wait(pred: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(pred) and pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = wait_until
 
 
 def test_standalone_vm_container(ctr: Ctr) -> None:
