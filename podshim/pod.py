@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 TaskFactory = Callable[[Backend, ContainerRequest, Publisher], Awaitable[Task]]
 
 
+def _expect_pod_annotations(spec: dict[str, Any], kind: ContainerType, pod_id: str) -> None:
+    """CRI's container-type and sandbox-id, as the seed checks them: FailedPrecondition if off."""
+    got_kind, sid = oci.sandbox_type_and_id(spec)
+    if got_kind is not kind:
+        raise errdefs.FailedPrecondition(
+            f"expected annotation: '{oci.CONTAINER_TYPE}': '{kind.value}' got '{got_kind.value}'"
+        )
+    if sid != pod_id:
+        raise errdefs.FailedPrecondition(f"expected annotation '{oci.SANDBOX_ID}': '{pod_id}' got '{sid}'")
+
+
 class Pod:
     def __init__(self, pod_id: str, sandbox: Task, backend: Backend, events: Publisher,
                  task_factory: TaskFactory, spec: dict[str, Any] | None = None) -> None:  # fmt: skip
@@ -50,15 +61,7 @@ class Pod:
         task_factory: TaskFactory = Task.create,
     ) -> Pod:
         """The seed's createPod: validate the sandbox, pick the backend, create the sandbox task."""
-        kind, sid = oci.sandbox_type_and_id(req.spec)
-        if kind is not ContainerType.SANDBOX:
-            raise errdefs.FailedPrecondition(
-                f"expected annotation: '{oci.CONTAINER_TYPE}': 'sandbox' got '{kind.value}'"
-            )
-        if sid != req.id:
-            raise errdefs.FailedPrecondition(
-                f"expected annotation '{oci.SANDBOX_ID}': '{req.id}' got '{sid}'"
-            )
+        _expect_pod_annotations(req.spec, ContainerType.SANDBOX, req.id)
         backend = backend_for(req)
         try:
             sandbox = await task_factory(backend, req, events)
@@ -109,15 +112,7 @@ class Pod:
                 f"cannot create host-process container '{req.id}' in pod '{self.id}', "
                 "which is not host-process"
             )
-        kind, sid = oci.sandbox_type_and_id(req.spec)
-        if kind is not ContainerType.CONTAINER:
-            raise errdefs.FailedPrecondition(
-                f"expected annotation: '{oci.CONTAINER_TYPE}': 'container' got '{kind.value}'"
-            )
-        if sid != self.id:
-            raise errdefs.FailedPrecondition(
-                f"expected annotation '{oci.SANDBOX_ID}': '{self.id}' got '{sid}'"
-            )
+        _expect_pod_annotations(req.spec, ContainerType.CONTAINER, self.id)
         self._creating.add(req.id)
         try:
             task = await self._task_factory(self.backend, req, self.events)
