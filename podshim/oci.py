@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from podshim import errdefs
+from podshim import errdefs, ids
 
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
@@ -46,20 +46,31 @@ def sandbox_type_and_id(spec: dict[str, Any]) -> tuple[ContainerType, str]:
 
 
 def grouping_key(spec: dict[str, Any], container_id: str) -> str:
-    """Which shim serves a container: one per pod, else one per container (spec §1.3)."""
+    """Which shim serves a container: one per pod, else one per container (spec §1.3).
+
+    It names the shim's socket and a VM pod's run dir, so it is an identifier like any task id."""
     ann = of(spec)
-    return ann.get(RUNC_GROUP) or ann.get(SANDBOX_ID) or container_id
+    for name in (RUNC_GROUP, SANDBOX_ID):
+        if ann.get(name):
+            return ids.check(f"annotation '{name}':", ann[name])
+    return ids.check_task_id(container_id)
 
 
 def isolation(spec: dict[str, Any]) -> str:
     return of(spec).get(ISOLATION, "")
 
 
-def is_host_process(spec: dict[str, Any]) -> bool:
-    """A host-process container: asked for itself, or inherited from its pod's annotations
-    (CRI copies the pod annotations that match ``pod_annotations`` into every container)."""
+def host_process_choice(spec: dict[str, Any]) -> bool | None:
+    """What a container says about being a host process: True if it asks to be one (itself, or
+    through its pod's ``isolation: host``, which CRI copies into every container), False if it
+    opts out, None if it says nothing (it then is what its pod is)."""
     ann = of(spec)
-    return ann.get(HOST_PROCESS, "").lower() == "true" or ann.get(ISOLATION, "") == "host"
+    flag = ann.get(HOST_PROCESS, "").lower()
+    if flag == "true" or ann.get(ISOLATION, "") == "host":
+        return True
+    if flag == "false":
+        return False
+    return None
 
 
 def pass_through(sandbox: dict[str, Any], container: dict[str, Any], keys: tuple[str, ...]) -> None:

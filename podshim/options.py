@@ -6,6 +6,11 @@ They arrive on ``start``'s stdin and again in ``CreateTaskRequest.options`` (spe
 - ``runtimeoptions.v1.Options``: what CRI sends for a non-runc runtime type; its
   ``config_path`` names a TOML file holding our options;
 - ``podshim.v1.Options``: our own.
+
+They are the node admin's, the only source of privilege a pod gets (docs/configuration.md,
+"Security model"), so they fail closed: an options file that is missing, unreadable, not TOML,
+or has an unknown key or a value of the wrong type is an InvalidArgument at Create naming the
+file and the key, never a silent fallback to plain runc.
 """
 
 from __future__ import annotations
@@ -13,13 +18,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from podshim import errdefs
 
 if TYPE_CHECKING:
     from google.protobuf import any_pb2
+
+_D = TypeVar("_D")
+
+
+# Isolation modes; a pod may pick one of the handler's ``allowed_isolation`` with podshim.io/isolation.
+MODES = ("process", "vm", "host")
+DEFAULT_ALLOWED_ISOLATION = ("process", "vm")  # never "host": only an admin's handler enables it
+
+# Fields that are bookkeeping, not options: an options file may not set them.
+_NOT_A_KEY = {"toml": False}
 
 
 @dataclass
@@ -28,8 +44,14 @@ class VMSettings:
     vcpus: int = 0
     kernel_path: str = ""
     initrd_path: str = ""
-    max_memory_mib: int = 0  # limits on what pod annotations may ask for
+    max_memory_mib: int = 0  # what pod annotations may ask for; 0: no more than memory_mib / vcpus
     max_vcpus: int = 0
+
+
+@dataclass
+class HostSettings:
+    # Where podshim.io/hostprocess-rootfs-location may point; empty: the annotation is refused.
+    allowed_rootfs_locations: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -43,36 +65,67 @@ class ShimOptions:
     no_pivot_root: bool = False
     no_new_keyring: bool = False
     isolation: str = ""
+    allowed_isolation: list[str] = field(default_factory=lambda: list(DEFAULT_ALLOWED_ISOLATION))
     vm: VMSettings = field(default_factory=VMSettings)
-    config_path: str = ""
+    host: HostSettings = field(default_factory=HostSettings)
+    config_path: str = field(default="", metadata=_NOT_A_KEY)
+    # Where the options came from, for errors that must name it ("" means none were sent).
+    source: str = field(default="", metadata=_NOT_A_KEY)
+    # Why the options on start's stdin were unusable: Create refuses them rather than run defaults.
+    problem: str = field(default="", metadata=_NOT_A_KEY)
+
+    def describe_source(self) -> str:
+        return self.source or "the default options (the handler sends no runtime options)"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> ShimOptions:
-        data = json.loads(text or "{}")
-        vm = VMSettings(**data.pop("vm", {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(vm=vm, **{k: v for k, v in data.items() if k in known})
+        return _from_dict(cls, json.loads(text or "{}"))
+
+
+def _from_dict(cls: type[_D], data: dict[str, Any]) -> _D:
+    """A dataclass from ``asdict`` output; keys it does not know (older or newer files) are dropped."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            continue
+        sub = _dataclass_type(cls, f.name)
+        values[f.name] = _from_dict(sub, data[f.name]) if sub is not None else data[f.name]
+    return cls(**values)
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    hint = typing.get_type_hints(cls)[name]
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
 
 
 def _merge(opts: ShimOptions, values: dict[str, Any]) -> None:
-    names = {f.name for f in dataclasses.fields(ShimOptions)}
+    """Fields of a protobuf message, by name; fields we do not use (CRIU paths, debug) are ignored."""
+    names = {f.name for f in dataclasses.fields(ShimOptions) if f.metadata.get("toml", True)}
     for key, value in values.items():
-        if key == "vm" and isinstance(value, dict):
-            for vk, vv in value.items():
-                if hasattr(opts.vm, vk):
-                    setattr(opts.vm, vk, vv)
-        elif key in names:
+        if key not in names:
+            continue
+        current = getattr(opts, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            for sub, sub_value in value.items():
+                if hasattr(current, sub):
+                    setattr(current, sub, sub_value)
+        else:
             setattr(opts, key, value)
 
 
 def _proto_fields(msg: Any) -> dict[str, Any]:
-    """The fields that are set, by proto name (messages become dicts)."""
+    """The fields that are set, by proto name (messages become dicts, repeated fields lists)."""
     out: dict[str, Any] = {}
     for fd, value in msg.ListFields():
-        out[fd.name] = _proto_fields(value) if fd.message_type is not None else value
+        if fd.message_type is not None:
+            out[fd.name] = _proto_fields(value)
+        elif fd.label == fd.LABEL_REPEATED:
+            out[fd.name] = list(value)
+        else:
+            out[fd.name] = value
     return out
 
 
@@ -101,36 +154,105 @@ def decode(raw: any_pb2.Any | None) -> ShimOptions:
             rm = runtimeoptions_pb2.Options.FromString(raw.value)
             if rm.config_path:
                 opts.config_path = rm.config_path
-                _merge(opts, load_toml(rm.config_path))
+                opts.source = f"handler options file {rm.config_path}"
+                apply_file(opts, rm.config_path)
+                _check_values(opts)
+                return opts
         else:
             raise errdefs.InvalidArgument(f"unsupported runtime options type {raw.type_url}")
     except errdefs.ShimError:
         raise
     except Exception as e:
         raise errdefs.InvalidArgument(f"cannot decode runtime options {raw.type_url}: {e}") from e
+    opts.source = f"runtime options {name}"
+    _check_values(opts)
     return opts
 
 
-def load_toml(path: str) -> dict[str, Any]:
-    """A handler's options file: the same keys as podshim.v1.Options, with a [vm] table."""
+def apply_file(opts: ShimOptions, path: str) -> None:
+    """A handler's options file (CRI's ``ConfigPath``): the keys of ``ShimOptions``, with [vm]
+    and [host] tables.  Checked in full before anything runs."""
     import tomllib
 
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    if not os.path.isabs(path):
+        # The shim's working directory is the bundle: a relative path would be the client's file.
+        raise errdefs.InvalidArgument(f"handler options file {path!r} (ConfigPath) is not an absolute path")
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as e:
+        raise errdefs.InvalidArgument(
+            f"handler options file {path} (ConfigPath) cannot be read: {e.strerror or e}"
+        ) from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise errdefs.InvalidArgument(f"handler options file {path} is not valid TOML: {e}") from e
+    _apply_table(opts, table, path, "")
+
+
+def _apply_table(target: Any, table: dict[str, Any], path: str, prefix: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(target) if f.metadata.get("toml", True)}
+    hints = typing.get_type_hints(type(target))
+    for key, value in table.items():
+        name = prefix + key
+        if key not in fields:
+            known = ", ".join(prefix + k for k in fields)
+            raise errdefs.InvalidArgument(
+                f"handler options file {path}: unknown key '{name}' (known: {known})"
+            )
+        want = hints[key]
+        sub = getattr(target, key)
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise _wrong_type(path, name, "a table", value)
+            _apply_table(sub, value, path, name + ".")
+            continue
+        if want is bool:
+            ok = isinstance(value, bool)
+        elif want is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif want is str:
+            ok = isinstance(value, str)
+        else:  # list[str]
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if not ok:
+            kinds = {bool: "a boolean", int: "a non-negative integer", str: "a string"}
+            raise _wrong_type(path, name, kinds.get(want, "a list of strings"), value)
+        setattr(target, key, list(value) if isinstance(value, list) else value)
+
+
+def _wrong_type(path: str, key: str, want: str, value: object) -> errdefs.InvalidArgument:
+    return errdefs.InvalidArgument(f"handler options file {path}: key '{key}' must be {want}, not {value!r}")
+
+
+def _check_values(opts: ShimOptions) -> None:
+    """What the types alone do not say, for every form of options."""
+
+    def bad(key: str, why: str) -> errdefs.InvalidArgument:
+        return errdefs.InvalidArgument(f"{opts.describe_source()}: key '{key}' {why}")
+
+    modes = ", ".join(MODES)
+    if opts.isolation and opts.isolation not in MODES:
+        raise bad("isolation", f"is {opts.isolation!r}; want one of {modes}")
+    for mode in opts.allowed_isolation:
+        if mode not in MODES:
+            raise bad("allowed_isolation", f"has {mode!r}; want a list of {modes}")
+    for loc in opts.host.allowed_rootfs_locations:
+        if not os.path.isabs(loc) or os.path.normpath(loc) != loc or loc == "/":
+            raise bad(
+                "host.allowed_rootfs_locations", f"has {loc!r}; want normalised absolute paths other than /"
+            )
 
 
 def decode_stdin(data: bytes) -> ShimOptions:
+    """The options on ``start``'s stdin.  The start action must not fail on them (containerd would
+    report no error code); a problem is kept for Create to refuse with InvalidArgument."""
     if not data:
         return ShimOptions()
     from google.protobuf import any_pb2
 
     try:
-        raw = any_pb2.Any.FromString(data)
-    except Exception:
-        return ShimOptions()
-    try:
-        return decode(raw)
-    except errdefs.ShimError:
-        return ShimOptions()
+        return decode(any_pb2.Any.FromString(data))
+    except errdefs.ShimError as e:
+        return ShimOptions(problem=e.message)
+    except Exception as e:
+        return ShimOptions(problem=f"cannot decode the runtime options on the shim's stdin: {e}")

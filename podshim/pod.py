@@ -102,12 +102,12 @@ class Pod:
             raise errdefs.AlreadyExists(f"task with id: '{req.id}' already exists in pod: '{self.id}'")
         if self.host_process:
             # Every container of a host-process pod runs on the host, or none does.
-            if not oci.is_host_process(req.spec):
+            if oci.host_process_choice(req.spec) is False:
                 raise errdefs.FailedPrecondition(
                     f"cannot create a normal container '{req.id}' in host-process pod '{self.id}'"
                 )
             oci.pass_through(self.spec, req.spec, oci.HOSTPROCESS_PASS_THROUGH)
-        elif oci.is_host_process(req.spec):
+        elif oci.host_process_choice(req.spec):
             raise errdefs.FailedPrecondition(
                 f"cannot create host-process container '{req.id}' in pod '{self.id}', "
                 "which is not host-process"

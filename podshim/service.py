@@ -19,7 +19,7 @@ from typing import Any
 from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import Message
 
-from podshim import errdefs, oci, options
+from podshim import errdefs, ids, oci, options, policy
 from podshim.api import runc_options_pb2, task_pb2
 from podshim.backends.base import Backend, ContainerRequest
 from podshim.backends.runc.backend import RuncBackend, RuncSettings
@@ -115,16 +115,17 @@ class TaskService:
         return {name: Method(rt, adapt(fn)) for name, (rt, fn) in table.items()}
 
     def _task(self, tid: str) -> Task:
+        ids.check_task_id(tid)
         if self.host is None:
             raise errdefs.NotFound("container not created")
         return self.host.get_task(tid)
 
     def _exec(self, tid: str, eid: str) -> tuple[Task, Exec]:
         task = self._task(tid)
-        return task, task.get_exec(eid)
+        return task, task.get_exec(ids.check_exec_id(eid))
 
     def _backend(self, req: ContainerRequest, opts: options.ShimOptions) -> Backend:
-        isolation = oci.of(req.spec).get(oci.ISOLATION) or opts.isolation or "process"
+        isolation = policy.isolation(opts, req.spec)
         if isolation == "process":
             return RuncBackend(
                 RuncSettings(
@@ -142,15 +143,16 @@ class TaskService:
         if isolation == "host":
             from podshim.backends.host.backend import HostBackend  # only host-process pods pay for it
 
-            return HostBackend(self.namespace, self._publish_oom)
+            return HostBackend(self.namespace, self._publish_oom, opts)
         if isolation == "vm":
             from podshim.backends.vm.backend import VMBackend  # imported only by VM pods
             from podshim.backends.vm.spec import resolve_params
 
-            params = resolve_params(opts.vm, oci.of(req.spec))
+            # Before qemu starts: a pod asking for more than the handler allows leaves nothing.
+            params = resolve_params(opts.vm, oci.of(req.spec), source=opts.describe_source())
             return VMBackend(params, oci.grouping_key(req.spec, req.id), self._publish_oom)
         raise errdefs.InvalidArgument(
-            f"unknown isolation '{isolation}' in '{oci.ISOLATION}': want process, vm or host"
+            f"unknown isolation '{isolation}' in '{oci.ISOLATION}': want {', '.join(options.MODES)}"
         )
 
     def _publish_oom(self, container_id: str) -> None:
@@ -159,12 +161,14 @@ class TaskService:
     # -- Task API ------------------------------------------------------------------------------
 
     async def create(self, r: task_pb2.CreateTaskRequest) -> task_pb2.CreateTaskResponse:
-        if not r.id:
-            raise errdefs.InvalidArgument("task id must not be empty")
+        ids.check_task_id(r.id)
         if r.checkpoint:
             raise errdefs.NotImplementedErr("restoring from a checkpoint")
         spec = read_spec(r.bundle)
+        oci.grouping_key(spec, r.id)  # names the shim's socket and a VM's run dir: checked here too
         opts = options.decode(r.options) if r.HasField("options") else self.start_options
+        if opts.problem:
+            raise errdefs.InvalidArgument(opts.problem)
         req = ContainerRequest(
             id=r.id,
             bundle=r.bundle,
@@ -213,7 +217,8 @@ class TaskService:
     async def delete(self, r: task_pb2.DeleteRequest) -> task_pb2.DeleteResponse:
         task = self._task(r.id)
         assert self.host is not None
-        info = await (task.delete(r.exec_id) if r.exec_id else self.host.delete_task(r.id))
+        eid = ids.check_exec_id(r.exec_id)
+        info = await (task.delete(eid) if eid else self.host.delete_task(r.id))
         return task_pb2.DeleteResponse(
             pid=info.pid, exit_status=info.status, exited_at=timestamp(info.exited_at)
         )
@@ -235,6 +240,7 @@ class TaskService:
 
     async def exec(self, r: task_pb2.ExecProcessRequest) -> empty_pb2.Empty:
         task = self._task(r.id)
+        ids.check_exec_id(r.exec_id)
         if not r.HasField("spec") or not r.spec.value:
             raise errdefs.InvalidArgument("exec spec is required")
         try:
@@ -247,6 +253,8 @@ class TaskService:
         return empty_pb2.Empty()
 
     async def kill(self, r: task_pb2.KillRequest) -> empty_pb2.Empty:
+        ids.check_task_id(r.id)
+        ids.check_exec_id(r.exec_id)
         if self.host is None:
             raise errdefs.NotFound("container not created")
         await self.host.kill_task(r.id, r.exec_id, r.signal, r.all)
@@ -303,7 +311,7 @@ class TaskService:
 
     async def connect(self, r: task_pb2.ConnectRequest) -> task_pb2.ConnectResponse:
         pid = 0
-        with contextlib.suppress(errdefs.NotFound):  # Connect never fails (spec §7.6)
+        with contextlib.suppress(errdefs.NotFound, errdefs.InvalidArgument):  # never fails (spec §7.6)
             pid = self._task(r.id).init.pid
         return task_pb2.ConnectResponse(shim_pid=os.getpid(), task_pid=pid)
 

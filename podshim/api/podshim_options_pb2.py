@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!podshim/api/podshim_options.proto\x12\npodshim.v1\"\xbe\x01\n\x07Options\x12\x13\n\x0b\x62inary_name\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x16\n\x0esystemd_cgroup\x18\x03 \x01(\x08\x12\x13\n\x0bshim_cgroup\x18\x04 \x01(\t\x12\x0e\n\x06io_uid\x18\x05 \x01(\r\x12\x0e\n\x06io_gid\x18\x06 \x01(\r\x12\x11\n\tisolation\x18\x07 \x01(\t\x12!\n\x02vm\x18\x08 \x01(\x0b\x32\x15.podshim.v1.VMOptions\x12\r\n\x05\x64\x65\x62ug\x18\t \x01(\x08\"\x83\x01\n\tVMOptions\x12\x12\n\nmemory_mib\x18\x01 \x01(\r\x12\r\n\x05vcpus\x18\x02 \x01(\r\x12\x13\n\x0bkernel_path\x18\x03 \x01(\t\x12\x13\n\x0binitrd_path\x18\x04 \x01(\t\x12\x16\n\x0emax_memory_mib\x18\x05 \x01(\r\x12\x11\n\tmax_vcpus\x18\x06 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!podshim/api/podshim_options.proto\x12\npodshim.v1\"\x80\x02\n\x07Options\x12\x13\n\x0b\x62inary_name\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x16\n\x0esystemd_cgroup\x18\x03 \x01(\x08\x12\x13\n\x0bshim_cgroup\x18\x04 \x01(\t\x12\x0e\n\x06io_uid\x18\x05 \x01(\r\x12\x0e\n\x06io_gid\x18\x06 \x01(\r\x12\x11\n\tisolation\x18\x07 \x01(\t\x12!\n\x02vm\x18\x08 \x01(\x0b\x32\x15.podshim.v1.VMOptions\x12\r\n\x05\x64\x65\x62ug\x18\t \x01(\x08\x12\x19\n\x11\x61llowed_isolation\x18\n \x03(\t\x12%\n\x04host\x18\x0b \x01(\x0b\x32\x17.podshim.v1.HostOptions\"/\n\x0bHostOptions\x12 \n\x18\x61llowed_rootfs_locations\x18\x01 \x03(\t\"\x83\x01\n\tVMOptions\x12\x12\n\nmemory_mib\x18\x01 \x01(\r\x12\r\n\x05vcpus\x18\x02 \x01(\r\x12\x13\n\x0bkernel_path\x18\x03 \x01(\t\x12\x13\n\x0binitrd_path\x18\x04 \x01(\t\x12\x16\n\x0emax_memory_mib\x18\x05 \x01(\r\x12\x11\n\tmax_vcpus\x18\x06 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'podshim.api.podshim_options
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OPTIONS']._serialized_start=50
-  _globals['_OPTIONS']._serialized_end=240
-  _globals['_VMOPTIONS']._serialized_start=243
-  _globals['_VMOPTIONS']._serialized_end=374
+  _globals['_OPTIONS']._serialized_end=306
+  _globals['_HOSTOPTIONS']._serialized_start=308
+  _globals['_HOSTOPTIONS']._serialized_end=355
+  _globals['_VMOPTIONS']._serialized_start=358
+  _globals['_VMOPTIONS']._serialized_end=489
 # @@protoc_insertion_point(module_scope)

@@ -1,11 +1,12 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Mapping as _Mapping, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Options(_message.Message):
-    __slots__ = ("binary_name", "root", "systemd_cgroup", "shim_cgroup", "io_uid", "io_gid", "isolation", "vm", "debug")
+    __slots__ = ("binary_name", "root", "systemd_cgroup", "shim_cgroup", "io_uid", "io_gid", "isolation", "vm", "debug", "allowed_isolation", "host")
     BINARY_NAME_FIELD_NUMBER: _ClassVar[int]
     ROOT_FIELD_NUMBER: _ClassVar[int]
     SYSTEMD_CGROUP_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +16,8 @@ class Options(_message.Message):
     ISOLATION_FIELD_NUMBER: _ClassVar[int]
     VM_FIELD_NUMBER: _ClassVar[int]
     DEBUG_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_ISOLATION_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
     binary_name: str
     root: str
     systemd_cgroup: bool
@@ -24,7 +27,15 @@ class Options(_message.Message):
     isolation: str
     vm: VMOptions
     debug: bool
-    def __init__(self, binary_name: _Optional[str] = ..., root: _Optional[str] = ..., systemd_cgroup: bool = ..., shim_cgroup: _Optional[str] = ..., io_uid: _Optional[int] = ..., io_gid: _Optional[int] = ..., isolation: _Optional[str] = ..., vm: _Optional[_Union[VMOptions, _Mapping]] = ..., debug: bool = ...) -> None: ...
+    allowed_isolation: _containers.RepeatedScalarFieldContainer[str]
+    host: HostOptions
+    def __init__(self, binary_name: _Optional[str] = ..., root: _Optional[str] = ..., systemd_cgroup: bool = ..., shim_cgroup: _Optional[str] = ..., io_uid: _Optional[int] = ..., io_gid: _Optional[int] = ..., isolation: _Optional[str] = ..., vm: _Optional[_Union[VMOptions, _Mapping]] = ..., debug: bool = ..., allowed_isolation: _Optional[_Iterable[str]] = ..., host: _Optional[_Union[HostOptions, _Mapping]] = ...) -> None: ...
+
+class HostOptions(_message.Message):
+    __slots__ = ("allowed_rootfs_locations",)
+    ALLOWED_ROOTFS_LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    allowed_rootfs_locations: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, allowed_rootfs_locations: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VMOptions(_message.Message):
     __slots__ = ("memory_mib", "vcpus", "kernel_path", "initrd_path", "max_memory_mib", "max_vcpus")

@@ -10,7 +10,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
-from podshim import oci
+from podshim import errdefs, ids, oci
 from podshim.shim import address
 
 if TYPE_CHECKING:
@@ -120,7 +120,13 @@ def _read_spec(bundle: str) -> dict[str, object]:
 def start(args: Args) -> int:
     bundle = os.getcwd()
     spec = _read_spec(bundle)
-    key = oci.grouping_key(spec, args.id)
+    try:
+        # The key names the socket every container of the group finds; a client writes it.
+        ids.check_task_id(args.id)
+        key = oci.grouping_key(spec, args.id)
+    except errdefs.ShimError as e:
+        sys.stderr.write(f"{e}\n")
+        return 1
     path = args.socket or address.socket_path(args.address, args.namespace, key, bundle)
     addr = "unix://" + path
     sock = address.listen(path)
@@ -241,7 +247,8 @@ def delete(args: Args) -> int:
     except (OSError, ValueError):
         opts = ShimOptions()
     root = os.path.join(opts.root or "/run/containerd/runc", args.namespace)
-    if os.path.exists(os.path.join(root, args.id)):
+    valid_id = not ids.problem(args.id)  # else no shim was started for it: nothing to clean up
+    if valid_id and os.path.exists(os.path.join(root, args.id)):
         _runc_force_delete(opts.binary_name or "runc", root, bundle, args.id)
     rootfs = os.path.join(bundle, "rootfs")
     if _has_mounts_under(rootfs):
@@ -251,12 +258,16 @@ def delete(args: Args) -> int:
             mounts.unmount_all(rootfs)
         except OSError as e:
             sys.stderr.write(f"unmount rootfs: {e}\n")
-    key = oci.grouping_key(_read_spec(bundle), args.id)
-    if os.path.isdir(os.environ.get("PODSHIM_VM_RUN_DIR") or "/run/podshim/vm"):
+    try:
+        key = oci.grouping_key(_read_spec(bundle), args.id) if valid_id else ""
+    except errdefs.ShimError:
+        key = ""
+    if key and os.path.isdir(os.environ.get("PODSHIM_VM_RUN_DIR") or "/run/podshim/vm"):
         from podshim.vm.qemu import clean_up_after_shim  # a dead VM pod's shares and run dir
 
         clean_up_after_shim(key, args.id)
-    address.remove_if_dead(address.socket_path(args.address, args.namespace, key, bundle))
+    if key:
+        address.remove_if_dead(address.socket_path(args.address, args.namespace, key, bundle))
     pid = 0
     with contextlib.suppress(OSError, ValueError), open(os.path.join(bundle, "init.pid")) as f:
         pid = int(f.read().strip())

@@ -322,11 +322,22 @@ class HostWorld(World):
         return pod
 
 
-async def test_host_pod_rejects_a_normal_container() -> None:
+async def test_host_pod_rejects_a_container_that_opts_out() -> None:
     w = HostWorld()
     pod = await w.host_pod()
+    req = request("c1", "container", POD)
+    req.spec["annotations"][HOST_PROCESS] = "false"
     with pytest.raises(errdefs.FailedPrecondition, match="normal container"):
-        await pod.create_task(request("c1", "container", POD))
+        await pod.create_task(req)
+    assert "c1" not in w.tasks
+
+
+async def test_every_container_of_a_host_pod_is_host_process() -> None:
+    """The pod's handler made it a host pod: its containers need no annotation of their own."""
+    w = HostWorld()
+    pod = await w.host_pod()
+    await pod.create_task(request("c1", "container", POD))
+    assert "c1" in pod.workloads
 
 
 async def test_host_pod_accepts_host_process_containers_and_passes_annotations_through() -> None:
@@ -340,10 +351,12 @@ async def test_host_pod_accepts_host_process_containers_and_passes_annotations_t
     assert req.spec["annotations"][HOSTPROCESS_INHERIT_USER] == "false"
 
 
-async def test_normal_pod_rejects_a_host_process_container() -> None:
+@pytest.mark.parametrize("annotation", [(HOST_PROCESS, "true"), (ISOLATION, "host")])
+async def test_normal_pod_rejects_a_host_process_container(annotation: tuple[str, str]) -> None:
     w = World()
     pod = await w.pod()
     req = request("c1", "container", POD)
-    req.spec["annotations"][HOST_PROCESS] = "true"
+    req.spec["annotations"][annotation[0]] = annotation[1]
     with pytest.raises(errdefs.FailedPrecondition, match="not host-process"):
         await pod.create_task(req)
+    assert "c1" not in w.tasks

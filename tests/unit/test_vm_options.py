@@ -56,6 +56,21 @@ def test_annotations_override_within_limits(kernel: tuple[str, str]) -> None:
         vmspec.resolve_params(vm, {vmspec.ANN_VCPUS: "3"})
 
 
+def test_pods_cannot_grow_their_vm_unless_the_admin_allows(kernel: tuple[str, str]) -> None:
+    """The default ceiling is the handler's base size: the scheduler accounted for no more."""
+    vm = VMSettings(kernel_path=kernel[0], initrd_path=kernel[1])
+    assert vmspec.resolve_params(vm, {vmspec.ANN_MEMORY: "128"}).memory_mib == 128  # smaller is fine
+    assert vmspec.resolve_params(vm, {vmspec.ANN_MEMORY: "256", vmspec.ANN_VCPUS: "1"}).memory_mib == 256
+    source = "handler options file /etc/podshim/podshim.toml"
+    with pytest.raises(errdefs.InvalidArgument, match=rf"of 256 MiB \(vm.max_memory_mib in {source}\)"):
+        vmspec.resolve_params(vm, {vmspec.ANN_MEMORY: "16384"}, source=source)
+    with pytest.raises(errdefs.InvalidArgument, match="limit of 1 \\(vm.max_vcpus in"):
+        vmspec.resolve_params(vm, {vmspec.ANN_VCPUS: "2"})
+    bigger = VMSettings(kernel_path=kernel[0], initrd_path=kernel[1], memory_mib=512, vcpus=2)
+    with pytest.raises(errdefs.InvalidArgument, match="limit of 512 MiB"):
+        vmspec.resolve_params(bigger, {vmspec.ANN_MEMORY: "513"})
+
+
 @pytest.mark.parametrize(
     ("settings", "annotations", "message"),
     [

@@ -18,10 +18,11 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from podshim import errdefs, oci
+from podshim import errdefs, oci, policy
 from podshim.backends.base import Backend, Container, ContainerRequest, PipedProcess, Process, ProcessGone
 from podshim.backends.host.launch import Held, LaunchSpec, env_of, rlimits_of, spawn_held
 from podshim.backends.host.sandbox import SandboxHolder
+from podshim.options import ShimOptions
 from podshim.system import cgroups, mounts
 from podshim.system.cgroups import Cgroup, OOMWatcher
 from podshim.system.stdio import ProcessIO, StdioConfig
@@ -113,12 +114,10 @@ class HostProcess(PipedProcess):
 
 
 class HostContainer(Container):
-    def __init__(self, backend: HostBackend, req: ContainerRequest) -> None:
+    def __init__(self, backend: HostBackend, req: ContainerRequest, location: str) -> None:
         self.backend = backend
         self.req = req
         self.id = req.id
-        ann = oci.of(req.spec)
-        location = ann.get(oci.HOSTPROCESS_ROOTFS_LOCATION, "")
         self.mount_point = os.path.join(location, req.id) if location else os.path.join(req.bundle, "rootfs")
         self._made_mount_point = False
         linux = req.spec.get("linux") or {}
@@ -215,15 +214,19 @@ def _cgroupfs_path(path: str, namespace: str, cid: str) -> str:
 class HostBackend(Backend):
     name = "host"
 
-    def __init__(self, namespace: str, on_oom: Callable[[str], None]) -> None:
+    def __init__(self, namespace: str, on_oom: Callable[[str], None], options: ShimOptions) -> None:
         self.namespace = namespace
         self.oom = OOMWatcher(on_oom)
+        self.options = options
 
     async def create_container(self, req: ContainerRequest) -> Container:
+        # Checked for the sandbox too, whose annotation every container inherits: a pod that
+        # asks for a location its handler does not allow fails at RunPodSandbox.
+        location = policy.host_rootfs_location(self.options, req.spec)
         kind, _ = oci.sandbox_type_and_id(req.spec)
         if kind is oci.ContainerType.SANDBOX:
             return SandboxHolder(req)
-        c = HostContainer(self, req)
+        c = HostContainer(self, req, location)
         await c.create()
         return c
 

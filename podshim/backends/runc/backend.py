@@ -29,6 +29,11 @@ class RuncSettings:
     io_gid: int = 0
 
 
+def exec_pid_file(bundle: str, exec_id: str) -> str:
+    """Exec pid files have a name space of their own: no exec id can name ``init.pid``."""
+    return os.path.join(bundle, f"exec-{exec_id}.pid")
+
+
 class _RuncProcess(PipedProcess):
     """What init and execs share: their pid claimed from the reaper."""
 
@@ -98,7 +103,7 @@ class RuncExec(_RuncProcess):
     async def _start(self) -> int:
         c = self.container
         assert self.pio is not None
-        pid_file = os.path.join(c.bundle, f"{self.exec_id}.pid")
+        pid_file = exec_pid_file(c.bundle, self.exec_id)
         # Exec ids are unique among live execs: the name cannot clash with another start.
         spec_path = os.path.join(c.bundle, f".exec-{self.exec_id}.json")
         fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -139,7 +144,7 @@ class RuncExec(_RuncProcess):
     async def close(self) -> None:
         await super().close()
         with contextlib.suppress(OSError):
-            os.unlink(os.path.join(self.container.bundle, f"{self.exec_id}.pid"))
+            os.unlink(exec_pid_file(self.container.bundle, self.exec_id))
 
 
 class RuncContainer(Container):

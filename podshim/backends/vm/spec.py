@@ -1,7 +1,9 @@
 """Pure logic of the VM backend: the pod VM's parameters, and an OCI spec made fit for the guest.
 
 Parameters come from the handler's options (``ShimOptions.vm``) and may be overridden per pod by
-annotations, within the handler's limits.  Everything is checked before anything is created, so
+annotations, within the handler's limits: by default the base size itself, so a pod cannot grow
+its VM (memory the scheduler never accounted for) unless the admin raised ``vm.max_memory_mib`` /
+``vm.max_vcpus``.  Everything is checked before anything is created, so
 a bad option is an InvalidArgument with nothing to clean up.
 
 The guest runs runc on a bundle in the pod share.  A spec written for the host names host paths
@@ -35,7 +37,6 @@ ANN_VCPUS = "podshim.io/vm.vcpus"
 MIN_MEMORY_MIB = 128  # Debian's kernel alone takes about 60 MiB of it
 DEFAULT_MEMORY_MIB = 256
 DEFAULT_VCPUS = 1
-DEFAULT_MAX_MEMORY_MIB = 16384
 
 
 @dataclass(frozen=True)
@@ -61,23 +62,26 @@ def resolve_params(
     vm: Any,
     annotations: Mapping[str, str],
     locate: Callable[[], vmimage.Image] = vmimage.locate,
-    cpu_count: int | None = None,
+    source: str = "the handler's options",
 ) -> VMParams:
-    """``vm`` is ``options.VMSettings``; zero fields mean "default"."""
+    """``vm`` is ``options.VMSettings``; zero fields mean "default".  ``source`` names where the
+    limits are set, for the error a pod that asks for more gets."""
     memory = int(vm.memory_mib or DEFAULT_MEMORY_MIB)
     vcpus = int(vm.vcpus or DEFAULT_VCPUS)
-    max_memory = int(getattr(vm, "max_memory_mib", 0) or max(memory, DEFAULT_MAX_MEMORY_MIB))
-    max_vcpus = int(getattr(vm, "max_vcpus", 0) or max(vcpus, cpu_count or os.cpu_count() or 1))
+    max_memory = int(vm.max_memory_mib or memory)
+    max_vcpus = int(vm.max_vcpus or vcpus)
     if (m := _annotation_int(annotations, ANN_MEMORY)) is not None:
         if m > max_memory:
             raise errdefs.InvalidArgument(
-                f"annotation '{ANN_MEMORY}': {m} MiB exceeds the handler's limit of {max_memory} MiB"
+                f"annotation '{ANN_MEMORY}': {m} MiB exceeds the handler's limit of {max_memory} MiB "
+                f"(vm.max_memory_mib in {source})"
             )
         memory = m
     if (v := _annotation_int(annotations, ANN_VCPUS)) is not None:
         if v > max_vcpus:
             raise errdefs.InvalidArgument(
-                f"annotation '{ANN_VCPUS}': {v} exceeds the handler's limit of {max_vcpus}"
+                f"annotation '{ANN_VCPUS}': {v} exceeds the handler's limit of {max_vcpus} "
+                f"(vm.max_vcpus in {source})"
             )
         vcpus = v
     if memory < MIN_MEMORY_MIB:
