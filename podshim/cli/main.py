@@ -16,24 +16,48 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--print", "print_only", is_flag=True, help="Only print the config stanza and RuntimeClass.")
+@click.option("--print", "print_only", is_flag=True, help="Only print the config stanzas and RuntimeClasses.")
 @click.option("--config", "config_path", default="/etc/containerd/config.toml", show_default=True)
 @click.option("--bin-dir", default="/usr/local/bin", show_default=True, help="Where to link the shim binary.")
+@click.option(
+    "--options-dir", default=installing.OPTIONS_DIR, show_default=True, help="Where handler options files go."
+)
 @click.option("--handler", default="podshim", show_default=True, help="CRI runtime handler name.")
-def install(print_only: bool, config_path: str, bin_dir: str, handler: str) -> None:
-    """Register podshim with containerd as a CRI runtime handler."""
-    stanza = installing.handler_stanza(handler)
+@click.option(
+    "--host-handler",
+    default="podshim-host",
+    show_default=True,
+    help="Handler for host-process pods (root on the node); an empty name adds none.",
+)
+def install(
+    print_only: bool, config_path: str, bin_dir: str, options_dir: str, handler: str, host_handler: str
+) -> None:
+    """Register podshim with containerd as CRI runtime handlers."""
+    handlers = [installing.default_handler(handler)]
+    if host_handler:
+        handlers.append(installing.host_handler(host_handler))
     if print_only:
-        click.echo(stanza, nl=False)
-        click.echo("\n# Kubernetes RuntimeClass selecting it:")
-        click.echo(installing.RUNTIME_CLASS.replace("handler: podshim", f"handler: {handler}"), nl=False)
+        for h in handlers:
+            path = installing.options_path(h.name, options_dir)
+            click.echo(f"# containerd config.toml: runtime handler {h.name}")
+            click.echo(installing.handler_stanza(h.name, path))
+            click.echo(f"# {path}")
+            click.echo(h.options)
+            click.echo("# Kubernetes RuntimeClass selecting it:")
+            click.echo(installing.runtime_class(h))
         return
     target = installing.link_binary(bin_dir)
     console.print(f"linked [bold]{target}[/] -> {installing.shim_executable()}")
-    if installing.add_to_config(config_path, handler):
-        console.print(f"added runtime handler [bold]{handler}[/] to {config_path}; restart containerd")
-    else:
-        console.print(f"{config_path} already has runtime handler [bold]{handler}[/]")
+    for h in handlers:
+        path = installing.options_path(h.name, options_dir)
+        if installing.write_options(path, h.options):
+            console.print(f"wrote the options of [bold]{h.name}[/] to {path}")
+        else:
+            console.print(f"kept the existing options file {path}")
+        if installing.add_to_config(config_path, h.name, path):
+            console.print(f"added runtime handler [bold]{h.name}[/] to {config_path}; restart containerd")
+        else:
+            console.print(f"{config_path} already has runtime handler [bold]{h.name}[/]")
 
 
 @cli.command("vm-image")
