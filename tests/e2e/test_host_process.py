@@ -1,5 +1,9 @@
 """Host-process pods over the Task API, driven by ctr with CRI's annotations: a sandbox with no
-process, workloads that are plain host processes in cgroups of their own, and the seed's rules."""
+process, workloads that are plain host processes in cgroups of their own, and the seed's rules.
+
+Only the admin's options make a pod host-process: the tests pass the options file `podshim
+install` writes for its podshim-host handler, as CRI would for that handler
+(`--runtime-config-path`); the annotation alone is refused."""
 
 from __future__ import annotations
 
@@ -11,9 +15,12 @@ import pytest
 from harness.ctr import Ctr
 from harness.runtimes import PODSHIM
 
+from podshim.cli.install import host_handler
+
 IMAGE = "docker.io/library/busybox:latest"
 CT = "io.kubernetes.cri.container-type"
 SID = "io.kubernetes.cri.sandbox-id"
+ROOTFS_LOCATION = "podshim.io/hostprocess-rootfs-location"
 
 
 def annotations(**kv: str) -> list[str]:
@@ -23,16 +30,31 @@ def annotations(**kv: str) -> list[str]:
     return out
 
 
-def run_sandbox(ctr: Ctr, pod: str, isolation: str = "host") -> None:
-    ann = {CT: "sandbox", SID: pod, "podshim.io/isolation": isolation}
-    ctr.check("run", "-d", "--runtime", PODSHIM, *annotations(**ann), IMAGE, pod, "sleep", "600")
+@pytest.fixture
+def host_options(tmp_path: Path) -> Path:
+    """The podshim-host handler's options file, with a directory for hostprocess-rootfs-location."""
+    path = tmp_path / "podshim-host.toml"
+    path.write_text(host_handler(rootfs_locations=(str(tmp_path / "hostprocess"),)).options)
+    return path
 
 
-def run_workload(ctr: Ctr, pod: str, cid: str, *cmd: str, host: bool = True) -> tuple[int, str, str]:
-    ann = {CT: "container", SID: pod}
-    if host:
-        ann["podshim.io/isolation"] = "host"
-    res = ctr.run("run", "-d", "--runtime", PODSHIM, *annotations(**ann), IMAGE, cid, *cmd)
+def run_sandbox(
+    ctr: Ctr, pod: str, options: Path | None, isolation: str = "host", **extra: str
+) -> tuple[int, str, str]:
+    ann = {CT: "sandbox", SID: pod, **extra}
+    if isolation:
+        ann["podshim.io/isolation"] = isolation
+    opts = ["--runtime-config-path", str(options)] if options is not None else []
+    res = ctr.run("run", "-d", "--runtime", PODSHIM, *opts, *annotations(**ann), IMAGE, pod, "sleep", "600")
+    return res.rc, res.stdout, res.stderr
+
+
+def run_workload(
+    ctr: Ctr, pod: str, cid: str, *cmd: str, options: Path | None, **extra: str
+) -> tuple[int, str, str]:
+    ann = {CT: "container", SID: pod, **extra}
+    opts = ["--runtime-config-path", str(options)] if options is not None else []
+    res = ctr.run("run", "-d", "--runtime", PODSHIM, *opts, *annotations(**ann), IMAGE, cid, *cmd)
     return res.rc, res.stdout, res.stderr
 
 
@@ -59,9 +81,10 @@ def remove(ctr: Ctr, *cids: str) -> None:
         ctr.check("container", "rm", cid)
 
 
-def test_host_process_pod(ctr: Ctr, tmp_path: Path) -> None:
+def test_host_process_pod(ctr: Ctr, tmp_path: Path, host_options: Path) -> None:
     pod = "hostpod"
-    run_sandbox(ctr, pod)
+    rc, _, err = run_sandbox(ctr, pod, host_options, isolation="")  # the handler's mode: no annotation
+    assert rc == 0, err
     ctr.wait_task_status(pod, "RUNNING")
     shim = task_pid(ctr, pod)  # the sandbox has no process: its pid is the shim's own
     assert "containerd-shim-podshim-v1" in Path(f"/proc/{shim}/cmdline").read_text()
@@ -73,9 +96,10 @@ def test_host_process_pod(ctr: Ctr, tmp_path: Path) -> None:
     rc, _, err = run_workload(
         ctr, pod, "writer",
         "sh", "-c", f'echo "$CONTAINER_SANDBOX_MOUNT_POINT" > {marker}; exec sleep 600',
+        options=host_options,
     )  # fmt: skip
     assert rc == 0, err
-    rc, _, err = run_workload(ctr, pod, "viewer", "sleep", "600")
+    rc, _, err = run_workload(ctr, pod, "viewer", "sleep", "600", options=host_options)
     assert rc == 0, err
     ctr.wait_task_status("writer", "RUNNING")
     ctr.wait_task_status("viewer", "RUNNING")
@@ -107,8 +131,10 @@ def test_host_process_pod(ctr: Ctr, tmp_path: Path) -> None:
         or Path("/sys/fs/cgroup/cgroup.controllers").exists()
     )
 
-    # A mixed pod is refused.
-    rc, _, err = run_workload(ctr, pod, "normal", "sleep", "600", host=False)
+    # A mixed pod is refused: a container that opts out of being a host process.
+    rc, _, err = run_workload(
+        ctr, pod, "normal", "sleep", "600", options=host_options, **{"podshim.io/host-process": "false"}
+    )
     assert rc != 0 and "normal container" in err, err
     ctr.run("container", "rm", "normal")
 
@@ -116,12 +142,15 @@ def test_host_process_pod(ctr: Ctr, tmp_path: Path) -> None:
     remove(ctr, pod)
 
 
-def test_kill_all_reaches_reparented_grandchildren(ctr: Ctr) -> None:
+def test_kill_all_reaches_reparented_grandchildren(ctr: Ctr, host_options: Path) -> None:
     pod = "hostpod-kill"
-    run_sandbox(ctr, pod)
+    rc, _, err = run_sandbox(ctr, pod, host_options)
+    assert rc == 0, err
     ctr.wait_task_status(pod, "RUNNING")
     # The grandchild double-forks away from its parent: only the cgroup still knows it.
-    rc, _, err = run_workload(ctr, pod, "spawner", "sh", "-c", "(setsid sleep 600 &) ; exec sleep 600")
+    rc, _, err = run_workload(
+        ctr, pod, "spawner", "sh", "-c", "(setsid sleep 600 &) ; exec sleep 600", options=host_options
+    )
     assert rc == 0, err
     ctr.wait_task_status("spawner", "RUNNING")
     deadline = time.monotonic() + 10
@@ -143,12 +172,47 @@ def test_kill_all_reaches_reparented_grandchildren(ctr: Ctr) -> None:
     remove(ctr, pod)
 
 
-@pytest.mark.parametrize("isolation", ["process"])
-def test_normal_pod_refuses_a_host_process_container(ctr: Ctr, isolation: str) -> None:
+@pytest.mark.parametrize("ask", [{"podshim.io/host-process": "true"}, {"podshim.io/isolation": "host"}])
+def test_normal_pod_refuses_a_host_process_container(ctr: Ctr, ask: dict[str, str]) -> None:
     pod = "normalpod"
-    run_sandbox(ctr, pod, isolation=isolation)
+    rc, _, err = run_sandbox(ctr, pod, None, isolation="process")
+    assert rc == 0, err
     ctr.wait_task_status(pod, "RUNNING")
-    rc, _, err = run_workload(ctr, pod, "sneaky", "sleep", "600", host=True)
+    rc, _, err = run_workload(ctr, pod, "sneaky", "sleep", "600", options=None, **ask)
     assert rc != 0 and "not host-process" in err, err
     ctr.run("container", "rm", "sneaky")
+    remove(ctr, pod)
+
+
+def test_the_annotation_alone_does_not_make_a_host_pod(ctr: Ctr) -> None:
+    """Any pod author can write the annotation: without the admin's options it is refused, and
+    nothing is left (the e2e guard checks processes, mounts, sockets, bundles, cgroups)."""
+    rc, _, err = run_sandbox(ctr, "wannabe", None)
+    assert rc != 0 and "'podshim.io/isolation: host' is not allowed" in err, err
+    assert "invalid argument" in err.lower(), err
+    ctr.run("container", "rm", "wannabe")
+
+
+def test_rootfs_location_only_where_the_admin_allows(ctr: Ctr, tmp_path: Path, host_options: Path) -> None:
+    location = tmp_path / "hostprocess"
+    for bad in ("/etc", str(tmp_path / "elsewhere"), f"{location}/../elsewhere"):
+        rc, _, err = run_sandbox(ctr, "hp-bad", host_options, **{ROOTFS_LOCATION: bad})
+        assert rc != 0 and f"'{ROOTFS_LOCATION}: {bad}'" in err, err
+        ctr.run("container", "rm", "hp-bad")
+    assert not Path("/etc/hp-bad").exists()
+
+    pod = "hp-located"
+    rc, _, err = run_sandbox(ctr, pod, host_options, **{ROOTFS_LOCATION: str(location)})
+    assert rc == 0, err
+    ctr.wait_task_status(pod, "RUNNING")
+    rc, _, err = run_workload(ctr, pod, "placed", "sleep", "600", options=host_options)
+    assert rc == 0, err
+    ctr.wait_task_status("placed", "RUNNING")
+    out = ctr.check(
+        "task", "exec", "--exec-id", "where", "placed", "sh", "-c", "echo $CONTAINER_SANDBOX_MOUNT_POINT"
+    )
+    assert out.strip() == str(location / "placed")
+    assert (location / "placed" / "bin" / "busybox").exists()
+    remove(ctr, "placed")
+    assert not (location / "placed").exists(), "the mount point the shim made is removed"
     remove(ctr, pod)

@@ -188,6 +188,9 @@ def test_agent_crash(ctr: Ctr) -> None:
     [
         ("podshim.io/vm.memory-mib=64", "below the minimum"),
         ("podshim.io/vm.vcpus=lots", "not an integer"),
+        # More than the handler's base size, which the admin did not raise: refused before qemu.
+        ("podshim.io/vm.memory-mib=16384", "exceeds the handler's limit of 256 MiB (vm.max_memory_mib"),
+        ("podshim.io/vm.vcpus=2", "exceeds the handler's limit of 1 (vm.max_vcpus"),
     ],
 )
 def test_bad_vm_option_is_invalid_argument(
