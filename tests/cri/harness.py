@@ -10,7 +10,8 @@ the session's private mount namespace with a private /run).  On top of that:
   * libcni's result cache is hard-wired to /var/lib/cni, so /var/lib is overlaid (in the private
     mount namespace only) with a writable layer under the temp dir: the host's /var/lib stays as
     it is (`VarLibOverlay`);
-  * two runtime handlers: `runc` (the reference) and `podshim`.
+  * three runtime handlers: `runc` (the reference), `podshim`, and `podshim-host`, the admin's
+    handler for host-process pods, with the options file `podshim install` writes for it.
 """
 
 from __future__ import annotations
@@ -27,11 +28,18 @@ from pathlib import Path
 from harness import leaks
 from harness.containerd import PrivateContainerd, _toml_str, private_run_dir
 
+from podshim.cli import install as installing
+
 CRI_NAMESPACE = "k8s.io"
 RUNC_HANDLER = "runc"
 PODSHIM_HANDLER = "podshim"
+HOST_HANDLER = "podshim-host"  # not in HANDLERS: those run the same tests side by side
 HANDLERS = (PODSHIM_HANDLER, RUNC_HANDLER)
-SHIM_BINARIES = {RUNC_HANDLER: "containerd-shim-runc-v2", PODSHIM_HANDLER: "containerd-shim-podshim-v1"}
+SHIM_BINARIES = {
+    RUNC_HANDLER: "containerd-shim-runc-v2",
+    PODSHIM_HANDLER: "containerd-shim-podshim-v1",
+    HOST_HANDLER: "containerd-shim-podshim-v1",
+}
 ANNOTATION_GLOB = "podshim.io/*"
 CNI_NETWORK = "podshim-cri"
 CNI_BRIDGE = "pshcri0"
@@ -162,7 +170,9 @@ def cni_conflist(ipam_dir: Path) -> dict[str, object]:
     }
 
 
-def cri_config(*, sandbox_image: str, cni_conf_dir: Path, cni_bin_dir: Path = Path("/usr/lib/cni")) -> str:
+def cri_config(
+    *, sandbox_image: str, cni_conf_dir: Path, host_options: Path, cni_bin_dir: Path = Path("/usr/lib/cni")
+) -> str:
     cri = '[plugins."io.containerd.grpc.v1.cri"]'
     ctd = '[plugins."io.containerd.grpc.v1.cri".containerd'
     globs = f"[{_toml_str(ANNOTATION_GLOB)}]"
@@ -190,6 +200,7 @@ def cri_config(*, sandbox_image: str, cni_conf_dir: Path, cni_bin_dir: Path = Pa
             '  runtime_type = "io.containerd.podshim.v1"',
             f"  pod_annotations = {globs}",
             f"  container_annotations = {globs}",
+            installing.handler_stanza(HOST_HANDLER, str(host_options)).rstrip("\n"),
             f"{cri[:-1]}.cni]",
             f"  bin_dir = {_toml_str(str(cni_bin_dir))}",
             f"  conf_dir = {_toml_str(str(cni_conf_dir))}",
@@ -207,10 +218,14 @@ class CriContainerd(PrivateContainerd):
         self.cni_conf_dir = base / "cni" / "net.d"
         self.cni_ipam_dir = base / "cni" / "ipam"
         self.pod_log_root = base / "pod-logs"
+        self.host_options = base / "options" / f"{HOST_HANDLER}.toml"
+        self.host_rootfs_locations = base / "hostprocess"  # what host pods may ask for
         super().__init__(
             base,
             enable_cri=True,
-            extra_config=cri_config(sandbox_image=sandbox_image, cni_conf_dir=self.cni_conf_dir),
+            extra_config=cri_config(
+                sandbox_image=sandbox_image, cni_conf_dir=self.cni_conf_dir, host_options=self.host_options
+            ),
         )
 
     def bundle(self, task_id: str) -> Path:
@@ -228,6 +243,9 @@ class CriContainerd(PrivateContainerd):
         self.pod_log_root.mkdir(parents=True, exist_ok=True)
         conf = self.cni_conf_dir / f"10-{CNI_NETWORK}.conflist"
         conf.write_text(json.dumps(cni_conflist(self.cni_ipam_dir), indent=2))
+        self.host_options.parent.mkdir(parents=True, exist_ok=True)
+        handler = installing.host_handler(HOST_HANDLER, (str(self.host_rootfs_locations),))
+        self.host_options.write_text(handler.options)
 
     def start(self, timeout: float = 30.0) -> None:
         self.prepare()

@@ -1,6 +1,7 @@
-"""A host-process pod through containerd's CRI plugin: the pod annotation
-`podshim.io/isolation: host` (let through by the handler's pod_annotations) makes the sandbox a
-task with no process and every container a plain host process."""
+"""A host-process pod through containerd's CRI plugin: the admin's `podshim-host` handler (its
+options file says `isolation = "host"`) makes the sandbox a task with no process and every
+container a plain host process.  The pod needs no annotation; on the default handler the
+annotation alone is refused (test_trust_boundaries.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ from pathlib import Path
 
 from .checks import wait_no_shim
 from .client import EXITED, RUNNING, CriClient
-from .harness import PODSHIM_HANDLER, SHIM_BINARIES, parent_pid
-
-HOST = {"podshim.io/isolation": "host"}
+from .harness import HOST_HANDLER, SHIM_BINARIES, CriContainerd, parent_pid
 
 
-def test_host_process_pod(cri: CriClient, busybox: str, tmp_path: Path) -> None:
-    shim_binary = SHIM_BINARIES[PODSHIM_HANDLER]
-    pod = cri.run_pod("hostprocess", PODSHIM_HANDLER, HOST, host=True)
+def test_host_process_pod(
+    cri: CriClient, cri_containerd: CriContainerd, busybox: str, tmp_path: Path
+) -> None:
+    shim_binary = SHIM_BINARIES[HOST_HANDLER]
+    # Mounted where the admin allows it: the handler's host.allowed_rootfs_locations.
+    location = cri_containerd.host_rootfs_locations / "pods"
+    pod = cri.run_pod(
+        "hostprocess", HOST_HANDLER, {"podshim.io/hostprocess-rootfs-location": str(location)}, host=True
+    )
     sandbox_pid = cri.sandbox_pid(pod.id)
     # No pause process: the sandbox's pid is the shim's own.
     assert "containerd-shim-podshim-v1" in Path(f"/proc/{sandbox_pid}/cmdline").read_text()
@@ -35,7 +40,7 @@ def test_host_process_pod(cri: CriClient, busybox: str, tmp_path: Path) -> None:
     deadline = time.monotonic() + 10
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert marker.read_text().startswith("written by /"), "the container wrote a file on the host"
+    assert marker.read_text().startswith(f"written by {location}/"), "the container wrote a file on the host"
 
     # The node's namespaces.  The node's network here is the one the harness confines containerd
     # (and so CNI) to, which the shim inherits: compare with the shim's.
