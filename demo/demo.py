@@ -20,8 +20,14 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import tests.cri  # noqa: E402,F401  (puts the harness and the CRI stubs on sys.path)
-from tests.cri.client import CriClient  # noqa: E402
-from tests.cri.harness import CRI_NAMESPACE, CriContainerd, VarLibOverlay, shim_servers  # noqa: E402
+from tests.cri.client import CriClient, rpc_error  # noqa: E402
+from tests.cri.harness import (  # noqa: E402
+    CRI_NAMESPACE,
+    HOST_HANDLER,
+    CriContainerd,
+    VarLibOverlay,
+    shim_servers,
+)
 from tests.cri.images import PAUSE_REF, build_pause_tarball  # noqa: E402
 
 console = Console()
@@ -122,21 +128,30 @@ def main() -> int:
         res = client.exec_sync(web, ["sh", "-c", "echo exec in $(hostname): uid=$(id -u); exit 3"])
         console.print(f"[green]✓[/] ExecSync into web: {res.stdout.strip()!r}, exit code {res.exit_code}")
 
-        # A host-process pod beside it: no pause process, and its container is a plain host process.
-        hpod = client.run_pod("node-agent", "podshim", {"podshim.io/isolation": "host"}, host=True)
+        # A host-process pod beside it, on the admin's podshim-host handler (the annotation alone is
+        # refused): no pause process, and its container is a plain host process.
+        hpod = client.run_pod("node-agent", HOST_HANDLER, host=True)
         hpid = client.sandbox_pid(hpod.id)
         agent = client.run_container(hpod, "agent", ["sleep", "3600"], image=BUSYBOX_REF)
         client.wait_container_state(agent, 1)  # RUNNING
         look = client.exec_sync(agent, ["sh", "-c", "echo $CONTAINER_SANDBOX_MOUNT_POINT; cat /proc/1/comm"])
         mount_point, init = look.stdout.split()[:2]
         console.print(
-            f"[green]✓[/] host-process pod {hpod.id[:12]} (podshim.io/isolation=host): sandbox pid {hpid} is "
+            f"[green]✓[/] host-process pod {hpod.id[:12]} (handler {HOST_HANDLER}): sandbox pid {hpid} is "
             f"the shim itself, no pause; its container sees the node's pid 1 ({init!r}) and the image at "
             f"{mount_point}"
         )
         client.stop_pod(hpod.id)
         client.remove_pod(hpod.id)
         client.pods.pop(hpod.id, None)
+        # Any pod author can write the annotation: on the default handler it is refused.
+        refusal = rpc_error(
+            lambda: client.run_pod("sneaky", "podshim", {"podshim.io/isolation": "host"}, host=True)
+        )
+        console.print(
+            f"[green]✓[/] the same pod on handler podshim, asking with podshim.io/isolation=host, is refused "
+            f"({refusal.code().name}): only the node admin's handler options grant host access"
+        )
 
         # And a VM pod: its containers run in a micro-VM with a kernel of its own.
         with console.status("booting a pod VM (qemu; TCG here takes a few seconds)"):
