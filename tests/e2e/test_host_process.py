@@ -205,6 +205,13 @@ def test_rootfs_location_only_where_the_admin_allows(ctr: Ctr, tmp_path: Path, h
     rc, _, err = run_sandbox(ctr, pod, host_options, **{ROOTFS_LOCATION: str(location)})
     assert rc == 0, err
     ctr.wait_task_status(pod, "RUNNING")
+    # A container's own annotation (container_annotations passes podshim.io/*) is checked too.
+    rc, _, err = run_workload(
+        ctr, pod, "own-dir", "sleep", "600", options=host_options, **{ROOTFS_LOCATION: "/etc"}
+    )
+    assert rc != 0 and f"'{ROOTFS_LOCATION}: /etc' is not under any of" in err, err
+    ctr.run("container", "rm", "own-dir")
+    assert not Path("/etc/own-dir").exists()
     rc, _, err = run_workload(ctr, pod, "placed", "sleep", "600", options=host_options)
     assert rc == 0, err
     ctr.wait_task_status("placed", "RUNNING")
