@@ -3,6 +3,8 @@ would become paths outside the bundle, or collide with the init's files)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from podshim import errdefs, ids, oci
@@ -69,3 +71,11 @@ def test_grouping_key_without_annotations_is_the_checked_task_id() -> None:
     assert oci.grouping_key({}, "c1") == "c1"
     with pytest.raises(errdefs.InvalidArgument, match="task id"):
         oci.grouping_key({}, "../c1")
+
+
+def test_exec_pid_files_have_a_name_space_of_their_own() -> None:
+    from podshim.backends.runc.backend import exec_pid_file
+
+    names = {os.path.basename(exec_pid_file("/b", eid)) for eid in ("init", "exec-init", "x")}
+    assert "init.pid" not in names and len(names) == 3
+    assert os.path.dirname(exec_pid_file("/b", "x")) == "/b"
