@@ -30,6 +30,7 @@ from typing import Any
 from podshim import errdefs, oci
 from podshim.backends.base import Backend, Container, ContainerRequest, ExitCallback, Process, ProcessGone
 from podshim.backends.vm import spec as vmspec
+from podshim.guest.protocol import ProtocolError
 from podshim.system import mounts
 from podshim.system.cgroups import V2_METRICS_URL
 from podshim.system.stdio import ProcessIO, StdioConfig
@@ -459,8 +460,7 @@ class VMBackend(Backend):
                         await connect
                     raise qemu.VMError(f"the pod VM died while booting: {vm.console_tail()}")
                 await connect
-                self.client = client
-                client.on_close(lambda: self._lost("the agent channel closed"))
+                self.attach(client)
                 if self.net is not None:
                     await client.call("network", commands=network.guest_commands(self.net))
             finally:
@@ -480,6 +480,11 @@ class VMBackend(Backend):
             time.monotonic() - t0,
             vm.accel.name,
         )
+
+    def attach(self, client: AgentClient) -> None:
+        """Serve the pod through ``client``, a connected session; its loss is the VM's death."""
+        self.client = client
+        client.on_close(lambda: self._lost(client.close_reason))
 
     async def _vm_exit(self) -> None:
         while self.vm is not None and self.vm.alive:
@@ -536,18 +541,31 @@ class VMBackend(Backend):
         self._early_exits.pop(p.key, None)
 
     def _event(self, ev: dict[str, Any]) -> None:
+        """An event from the guest, which may lie: only ids this backend registered are believed
+        (an OOM for another pod's container id would reach CRI as that container's OOM), and what
+        is kept for later is bounded by what was registered.  A malformed event is a protocol
+        violation (ProtocolError), which ends the channel."""
         kind = ev.get("event")
+        cid = ev.get("id")
+        if not isinstance(cid, str):
+            raise ProtocolError(f"{kind} event without a container id")
         if kind == "exit":
-            key = (str(ev.get("id")), str(ev.get("exec_id") or ""))
-            status = int(ev.get("status") or 0)
-            p = self._procs.get(key)
-            if p is not None and p.pid:
+            eid, status = ev.get("exec_id") or "", ev.get("status")
+            if not isinstance(eid, str) or not isinstance(status, int) or isinstance(status, bool):
+                raise ProtocolError(f"malformed exit event for {cid}")
+            p = self._procs.get((cid, eid))
+            if p is None:
+                return  # not ours, or already deleted
+            if p.pid:
                 p.exited(status)
             else:
                 # An exec that exits before its exec call has returned.
-                self._early_exits[key] = status
+                self._early_exits[p.key] = status
         elif kind == "oom":
-            self.on_oom(str(ev.get("id")))
+            if cid in self.containers:
+                self.on_oom(cid)
+        else:
+            raise ProtocolError(f"unknown event {kind!r}")
 
     # -- Backend ---------------------------------------------------------------------------------
 
