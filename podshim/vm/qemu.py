@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from podshim.system import mounts, reaper
 from podshim.vm import image as vmimage
+from podshim.vm.share import stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,17 @@ def kernel_cmdline(accel: Accel, tsc_khz: int, faults: bool = False) -> str:
     return " ".join(parts)
 
 
+# Once the machine is built, qemu runs under its seccomp filter: no obsolete syscalls, no setuid
+# or capability changes, no fork/exec (it spawns no helper: the tap is opened with script=no),
+# no scheduler or resource-limit changes.  Beside it: -nodefaults (no default NIC, monitor,
+# serial or parallel port, no -netdev user), -no-user-config, and no monitor at all.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def hardening_args() -> list[str]:
+    return ["-sandbox", SANDBOX]
+
+
 def qemu_argv(cfg: VMConfig, accel: Accel, tsc_khz: int) -> list[str]:
     argv = [QEMU, "-name", cfg.name, "-M", "microvm"]
     if accel.name == "kvm":
@@ -186,6 +198,7 @@ def qemu_argv(cfg: VMConfig, accel: Accel, tsc_khz: int) -> list[str]:
     argv += [
         "-m", f"{cfg.memory_mib}M",
         "-smp", str(cfg.vcpus),
+        *hardening_args(),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-serial", "stdio",
         "-kernel", cfg.kernel,
@@ -231,7 +244,7 @@ def clean_up_after_shim(key: str, container_id: str) -> None:
     run_dir = run_dir_for(key)
     if not os.path.isdir(run_dir):
         return
-    share = os.path.join(run_dir, "shared", container_id)
+    share = os.path.join(stage_dir(run_dir), container_id)
     if os.path.exists(share):
         with contextlib.suppress(OSError):
             mounts.unmount_all(share)
