@@ -28,6 +28,7 @@ from podshim.guest import protocol as P
 from podshim.system.stdio import StdioConfig
 from podshim.vm import client as vmclient
 from podshim.vm.client import AgentClient
+from podshim.vm.console import ConsoleLog
 
 Attack = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 DEADLINE = 20.0
@@ -303,3 +304,30 @@ def test_signal_0_stays_signal_0_in_the_guest() -> None:
         child.wait()
         ours.close()
         theirs.close()
+
+
+# -- the console -------------------------------------------------------------------------------
+
+
+async def test_a_console_flood_keeps_only_a_bounded_tail(tmp_path: Path) -> None:
+    """Guest root may write its serial console without end; the host keeps at most twice the
+    limit on disk, and the newest output is always there."""
+    r, w = os.pipe()
+    path = str(tmp_path / "console.log")
+    con = ConsoleLog(r, path, limit=64 << 10)
+    line = b"flood " * 1000 + b"\n"
+
+    def write() -> None:
+        with os.fdopen(w, "wb") as f:
+            for _ in range(2000):  # 12 MB
+                f.write(line)
+            f.write(b"the last words\n")
+
+    writer = asyncio.get_running_loop().run_in_executor(None, write)
+    async with asyncio.timeout(DEADLINE):
+        await writer
+        await con.task
+    sizes = [os.path.getsize(p) for p in (path, path + ".1") if os.path.exists(p)]
+    assert sum(sizes) <= 2 * (64 << 10), sizes
+    with open(path, "rb") as f:
+        assert f.read().endswith(b"the last words\n")
