@@ -163,6 +163,7 @@ async def test_a_data_flood_past_the_window_is_a_dead_vm_and_memory_stays_bounde
     assert "window" in pod.client.close_reason
     _assert_dead_vm(pod, init, other)
     assert peak < 16 << 20, f"the shim held {peak >> 20} MiB of a {flood >> 20} MiB flood"
+    print(f"\npeak of traced allocations during a {flood >> 20} MiB DATA flood: {peak / 2**20:.1f} MiB")
 
 
 async def test_data_on_a_stream_the_shim_never_opened_is_a_dead_vm(hostile: Any) -> None:
