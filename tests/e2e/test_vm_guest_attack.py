@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import leaks
 from harness.ctr import Ctr
 from harness.poll import wait_until
 from harness.runtimes import PODSHIM
@@ -76,3 +77,46 @@ def test_guest_swaps_its_bundle_for_a_symlink_to_a_host_mount(ctr: Ctr, marker_m
     assert os.listdir(marker_mount) == ["marker"]
     # The first line of defence held: the guest cannot change the tree the shim works in.
     assert "Read-only file system" in res.stderr, "the guest could write the tree the shim works in"
+
+
+# Run by the guest's python (the host's /usr) in the guest's root mount namespace: take a copy of
+# the agent's channel fd with pidfd_getfd(2) (the port itself opens only once) and write bytes
+# that are no frame into it, then a DATA frame for a stream the shim never opened.
+_BREAK_THE_CHANNEL = """
+import ctypes, os, struct, zlib
+libc = ctypes.CDLL(None, use_errno=True)
+pidfd = os.pidfd_open(1)
+(n,) = [int(n) for n in os.listdir("/proc/1/fd") if os.readlink(f"/proc/1/fd/{n}").startswith("/dev/vport")]
+fd = libc.syscall(438, pidfd, n, 0)
+assert fd >= 0, ctypes.get_errno()
+os.write(fd, b"not a frame " * 100)
+prefix = struct.pack(">4sIIBB", b"PSv1", 4, 999999, 5, 0)
+os.write(fd, prefix + (zlib.crc32(prefix) & 0xFFFF).to_bytes(2, "big") + b"data")
+print("sent")
+"""
+
+
+def test_guest_that_breaks_the_protocol_is_a_dead_vm(ctr: Ctr) -> None:
+    """Guest root writes garbage into the agent's channel: the shim cuts the channel, the task
+    exits with status 1 as for any VM death, and nothing of the VM is left."""
+    ctr.check(
+        "run", "--runtime", PODSHIM, "--annotation", VM, "--privileged",
+        "--with-ns", "pid:/proc/1/ns/pid", "-d", IMAGE, "vio", "sleep", "1000",
+        timeout=240,
+    )  # fmt: skip
+    wait_until(lambda: ctr.task_status("vio") == "RUNNING", 10, "vio RUNNING")
+    with ctr.events() as events:
+        res = ctr.run(
+            "task", "exec", "--exec-id", "attack", "vio",
+            "nsenter", "-t", "1", "-m", "--", "python3", "-c", _BREAK_THE_CHANNEL,
+        )  # fmt: skip
+        ev = events.wait_for(
+            lambda e: e.topic == "/tasks/exit" and e.container_id == "vio" and e.exec_id != "attack",
+            timeout=30,
+        )
+    print(f"\nthe guest's attack: rc={res.rc} {res.stdout}{res.stderr}")
+    assert ev.payload.get("exit_status") == 1, ev
+    wait_until(lambda: not leaks.qemu_pids(), 20, "qemu to go")
+    wait_until(lambda: ctr.task_status("vio") == "STOPPED", 10, "vio STOPPED")
+    ctr.check("task", "delete", "vio")
+    ctr.check("container", "delete", "vio")
