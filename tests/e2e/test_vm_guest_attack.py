@@ -40,17 +40,23 @@ def marker_mount(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(victim)], check=False)
 
 
-def test_guest_swaps_its_bundle_for_a_symlink_to_a_host_mount(ctr: Ctr, marker_mount: Path) -> None:
+def _run_guest_root(ctr: Ctr, name: str) -> None:
+    """A VM container from which guest root is one nsenter away: privileged, in the guest's root
+    pid namespace (whose PID 1 is the agent)."""
     try:
         vmimage.locate()
     except vmimage.ImageError as e:
         pytest.fail(f"{e}", pytrace=False)
     ctr.check(
         "run", "--runtime", PODSHIM, "--annotation", VM, "--privileged",
-        "--with-ns", "pid:/proc/1/ns/pid", "-d", IMAGE, "att", "sleep", "1000",
+        "--with-ns", "pid:/proc/1/ns/pid", "-d", IMAGE, name, "sleep", "1000",
         timeout=240,
     )  # fmt: skip
-    wait_until(lambda: ctr.task_status("att") == "RUNNING", 10, "att RUNNING")
+    wait_until(lambda: ctr.task_status(name) == "RUNNING", 10, f"{name} RUNNING")
+
+
+def test_guest_swaps_its_bundle_for_a_symlink_to_a_host_mount(ctr: Ctr, marker_mount: Path) -> None:
+    _run_guest_root(ctr, "att")
 
     share = vmimage.GUEST_SHARED
     attack = f"""
@@ -60,7 +66,6 @@ def test_guest_swaps_its_bundle_for_a_symlink_to_a_host_mount(ctr: Ctr, marker_m
         ln -s {marker_mount} evil; echo "ln evil: $?"
         ls -la {share}
     """
-    # Guest root: the agent is PID 1 of the pid namespace this container joined.
     res = ctr.run(
         "task", "exec", "--exec-id", "attack", "att", "nsenter", "-t", "1", "-m", "--", "sh", "-c", attack
     )
@@ -99,12 +104,7 @@ print("sent")
 def test_guest_that_breaks_the_protocol_is_a_dead_vm(ctr: Ctr) -> None:
     """Guest root writes garbage into the agent's channel: the shim cuts the channel, the task
     exits with status 1 as for any VM death, and nothing of the VM is left."""
-    ctr.check(
-        "run", "--runtime", PODSHIM, "--annotation", VM, "--privileged",
-        "--with-ns", "pid:/proc/1/ns/pid", "-d", IMAGE, "vio", "sleep", "1000",
-        timeout=240,
-    )  # fmt: skip
-    wait_until(lambda: ctr.task_status("vio") == "RUNNING", 10, "vio RUNNING")
+    _run_guest_root(ctr, "vio")
     with ctr.events() as events:
         res = ctr.run(
             "task", "exec", "--exec-id", "attack", "vio",
