@@ -273,8 +273,9 @@ class OutStream:
                 with self._cond:
                     while self._unacked >= P.WINDOW:
                         self._cond.wait()
+                    room = P.WINDOW - self._unacked  # the host cuts off a stream that overruns it
                 try:
-                    data = os.read(self.fd, P.DATA_CHUNK)
+                    data = os.read(self.fd, min(P.DATA_CHUNK, room))
                 except OSError:
                     data = b""  # EIO: the pty's last slave closed
                 if not data:
@@ -813,7 +814,8 @@ class Agent:
         return {"pid": proc.pid}
 
     def op_kill(self, req: dict[str, Any]) -> dict[str, Any]:
-        sig = int(req.get("signal") or signal.SIGKILL)
+        # Signal 0 probes a process and must stay 0: never "no signal given, so SIGKILL".
+        sig = int(req["signal"]) if req.get("signal") is not None else int(signal.SIGKILL)
         if req.get("all"):
             c = self._container(str(req["id"]))
             try:

@@ -27,6 +27,7 @@ MS_SHARED = 1 << 20
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
 
 # option -> (clear?, flag)
 _FLAGS: dict[str, tuple[bool, int]] = {
@@ -105,18 +106,37 @@ def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> 
 
 
 def mount(m: Mount, target: str) -> None:
+    mount_new(m, target)
+    settle(m, target)
+
+
+def mount_new(m: Mount, target: str) -> None:
+    """The mount itself.  Its flags on a bind and its propagation need :func:`settle` after it:
+    given a ``/proc/self/fd`` target, reopen the target first, so that it names the new mount."""
     if m.type == "loop" or "loop" in m.options:
         raise errdefs.NotImplementedErr("loop mounts are not supported")
-    flags, prop, data = parse_options(m.options)
+    flags, _prop, data = parse_options(m.options)
     fstype = m.type
     if fstype.startswith("fuse."):
         raise errdefs.NotImplementedErr(f"mount type {fstype} is not supported")
     _sys_mount(m.source, target, fstype, flags & ~MS_REMOUNT if flags & MS_BIND else flags, data)
+
+
+def settle(m: Mount, target: str) -> None:
+    flags, prop, _data = parse_options(m.options)
     if flags & MS_BIND and flags & (MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC):
         # A read-only bind needs a second, remounting call: the kernel ignores ro on the first.
         _sys_mount("", target, "", flags | MS_REMOUNT | MS_BIND, "")
     if prop:
         _sys_mount("", target, "", prop, "")
+
+
+def detach(target: str, follow: bool = False) -> None:
+    """Lazily unmount the mount at ``target``.  A symlink there is followed only with ``follow``,
+    which a ``/proc/self/fd`` target needs."""
+    if _libc.umount2(target.encode(), MNT_DETACH | (0 if follow else UMOUNT_NOFOLLOW)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unmount {target}: {os.strerror(err)}")
 
 
 def mount_all(mounts: list[Mount], target: str) -> None:

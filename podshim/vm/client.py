@@ -5,6 +5,16 @@ A session starts with HELLO; frames that arrive before the agent's HELLO answer 
 an earlier connection and are dropped.  The answer's process snapshot lets the backend settle
 exits it missed while disconnected.  Stdio DATA is written to a local fd by a task per stream
 and acknowledged once written, so one slow reader holds back only its own stream.
+
+The guest may be hostile, so after the handshake the host holds the agent to the protocol
+(:class:`ProtocolViolation` closes the channel, and the backend takes the VM for dead):
+
+* a stream may have at most :data:`~podshim.guest.protocol.WINDOW` unacknowledged bytes in
+  flight: a sink never queues more, whatever the guest sends;
+* DATA only on streams the shim opened; no HELLO or REQUEST from the guest; no bytes between
+  frames (a resync); every JSON and ACK payload well formed;
+* frames the shim must send without waiting (ACKs, EOFs) may not pile up: a guest that stops
+  reading its port while it keeps writing is cut off at :data:`MAX_UNSENT` bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ from podshim.system.stdio import readable, writable
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 120.0  # runc under TCG on a busy host is slow, but never this slow
+# What the host may hold unsent for the guest.  Legitimately bounded by the stdin windows (the
+# guest reads its port continuously); a guest that floods while it reads nothing exceeds it.
+MAX_UNSENT = 16 << 20
 
 _ERRORS: dict[str, type[errdefs.ShimError]] = {
     "not_found": errdefs.NotFound,
@@ -39,6 +52,10 @@ class AgentGone(errdefs.ShimError):
     """The channel closed: the VM or its agent is gone."""
 
 
+class ProtocolViolation(AgentGone):
+    """The guest broke the protocol: the channel is closed and the VM is taken for dead."""
+
+
 class AgentError(errdefs.ShimError):
     """The agent answered with an error it does not classify (runc's failures, mostly)."""
 
@@ -49,7 +66,17 @@ class _OutputSink:
     def __init__(self, client: AgentClient, sid: int, fd: int) -> None:
         self.client, self.sid, self.fd = client, sid, fd
         self.queue: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue()
+        self.unacked = 0  # received and not yet acknowledged: never more than the window
         self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def put(self, data: bytes, eof: bool) -> None:
+        self.unacked += len(data)
+        if self.unacked > P.WINDOW:
+            raise ProtocolViolation(
+                f"stream {self.sid}: the guest sent {self.unacked} unacknowledged bytes, "
+                f"over the window of {P.WINDOW}"
+            )
+        self.queue.put_nowait((data, eof))
 
     async def _run(self) -> None:
         os.set_blocking(self.fd, False)
@@ -69,7 +96,9 @@ class _OutputSink:
                         break
                     view = view[n:]
                 if data:
-                    self.client.send(P.encode_ack(self.sid, len(data)))
+                    self.unacked -= len(data)
+                    with contextlib.suppress(AgentGone):  # closed: the rest is still written out
+                        self.client.send(P.encode_ack(self.sid, len(data)))
                 if eof:
                     return
         finally:
@@ -99,7 +128,7 @@ class _InputSource:
             while True:
                 await self.credit.wait()
                 try:
-                    data = os.read(self.fd, P.DATA_CHUNK)
+                    data = os.read(self.fd, min(P.DATA_CHUNK, P.WINDOW - self.unacked))
                 except BlockingIOError:
                     await readable(self.fd)
                     continue
@@ -130,18 +159,20 @@ class AgentClient:
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
-        self._streams = itertools.count(1)
+        self._last_stream = 0
         self._sinks: dict[int, _OutputSink] = {}
         self._sources: dict[int, _InputSource] = {}
         self.session = 0
         self.closed = False
+        self.close_reason = ""
         self.resyncs = 0
 
     def on_close(self, callback: Callable[[], None]) -> None:
         self._on_close.append(callback)
 
     def new_stream(self) -> int:
-        return next(self._streams)
+        self._last_stream += 1
+        return self._last_stream
 
     # -- connection -------------------------------------------------------------------------
 
@@ -186,6 +217,8 @@ class AgentClient:
         return list(answer.get("processes") or [])
 
     async def _read_loop(self, reader: asyncio.StreamReader, dec: P.Decoder, early: list[P.Frame]) -> None:
+        why = "the agent channel closed"
+        synced = dec.resyncs  # skipping an old session's leftovers is fine until the handshake
         try:
             for frame in early:
                 self._dispatch(frame)
@@ -193,52 +226,60 @@ class AgentClient:
                 data = await reader.read(65536)
                 if not data:
                     break
-                for frame in dec.feed(data):
+                frames = dec.feed(data)
+                if dec.resyncs != synced:
+                    raise ProtocolViolation("the guest sent bytes that are not a frame")
+                for frame in frames:
                     self._dispatch(frame)
+        except (ProtocolViolation, P.ProtocolError) as e:
+            why = f"protocol violation: {e}"
+            log.warning("agent channel %s: %s", self.path, why)
         except (ConnectionError, OSError) as e:
             log.warning("agent channel: %s", e)
         except Exception:
             log.exception("agent channel reader failed")
         finally:
             self.resyncs += dec.resyncs
-            self._shutdown("the agent channel closed")
+            self._shutdown(why)
 
     def _dispatch(self, frame: P.Frame) -> None:
+        """Raises ProtocolViolation or ProtocolError for what a well-behaved agent never sends."""
         if frame.type == P.RESPONSE:
+            resp = P.decode_json(frame.payload)
             fut = self._pending.pop(frame.stream, None)
             if fut is not None and not fut.done():
-                try:
-                    fut.set_result(P.decode_json(frame.payload))
-                except P.ProtocolError as e:
-                    fut.set_exception(AgentError(str(e)))
+                fut.set_result(resp)
         elif frame.type == P.EVENT:
-            try:
-                self._on_event(P.decode_json(frame.payload))
-            except Exception:
-                log.exception("agent event handler failed")
+            self._on_event(P.decode_json(frame.payload))
         elif frame.type == P.DATA:
             sink = self._sinks.get(frame.stream)
             if sink is not None:
-                sink.queue.put_nowait((frame.payload, bool(frame.flags & P.FLAG_EOF)))
+                sink.put(frame.payload, bool(frame.flags & P.FLAG_EOF))
+            elif not 0 < frame.stream <= self._last_stream:
+                raise ProtocolViolation(f"DATA on stream {frame.stream}, which the shim never opened")
             elif frame.payload:
                 # Output of a stream nobody holds (its process was deleted): keep the guest's
                 # window open all the same.
                 self.send(P.encode_ack(frame.stream, len(frame.payload)))
         elif frame.type == P.ACK:
+            n = P.decode_ack(frame.payload)
             src = self._sources.get(frame.stream)
             if src is not None:
-                src.ack(P.decode_ack(frame.payload))
+                src.ack(n)
+        else:
+            raise ProtocolViolation(f"the guest sent a frame of type {frame.type} after the handshake")
 
     def _shutdown(self, why: str) -> None:
         if self.closed:
             return
         self.closed = True
+        self.close_reason = why
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(AgentGone(why))
         self._pending.clear()
         for sink in list(self._sinks.values()):
-            sink.queue.put_nowait((b"", True))
+            sink.queue.put_nowait((b"", True))  # past the window check: the end of a closed stream
         for src in list(self._sources.values()):
             src.task.cancel()
         if self._writer is not None:
@@ -261,6 +302,11 @@ class AgentClient:
     def send(self, frame: bytes) -> None:
         if self.closed or self._writer is None:
             raise AgentGone("the agent channel is closed")
+        if self._writer.transport.get_write_buffer_size() > MAX_UNSENT:
+            why = f"the guest does not read its channel ({MAX_UNSENT} bytes unsent)"
+            log.warning("agent channel %s: protocol violation: %s", self.path, why)
+            self._shutdown(f"protocol violation: {why}")
+            raise ProtocolViolation(why)
         self._writer.write(frame)
 
     async def call(self, op: str, timeout: float = CALL_TIMEOUT, **args: Any) -> dict[str, Any]:

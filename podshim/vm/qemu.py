@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 from podshim.system import mounts, reaper
 from podshim.vm import image as vmimage
+from podshim.vm.console import ConsoleLog
+from podshim.vm.share import stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,17 @@ def kernel_cmdline(accel: Accel, tsc_khz: int, faults: bool = False) -> str:
     return " ".join(parts)
 
 
+# Once the machine is built, qemu runs under its seccomp filter: no obsolete syscalls, no setuid
+# or capability changes, no fork/exec (it spawns no helper: the tap is opened with script=no),
+# no scheduler or resource-limit changes.  Beside it: -nodefaults (no default NIC, monitor,
+# serial or parallel port, no -netdev user), -no-user-config, and no monitor at all.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def hardening_args() -> list[str]:
+    return ["-sandbox", SANDBOX]
+
+
 def qemu_argv(cfg: VMConfig, accel: Accel, tsc_khz: int) -> list[str]:
     argv = [QEMU, "-name", cfg.name, "-M", "microvm"]
     if accel.name == "kvm":
@@ -186,6 +199,7 @@ def qemu_argv(cfg: VMConfig, accel: Accel, tsc_khz: int) -> list[str]:
     argv += [
         "-m", f"{cfg.memory_mib}M",
         "-smp", str(cfg.vcpus),
+        *hardening_args(),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-serial", "stdio",
         "-kernel", cfg.kernel,
@@ -231,7 +245,7 @@ def clean_up_after_shim(key: str, container_id: str) -> None:
     run_dir = run_dir_for(key)
     if not os.path.isdir(run_dir):
         return
-    share = os.path.join(run_dir, "shared", container_id)
+    share = os.path.join(stage_dir(run_dir), container_id)
     if os.path.exists(share):
         with contextlib.suppress(OSError):
             mounts.unmount_all(share)
@@ -307,6 +321,7 @@ class QemuVM:
         self.exit_status: int | None = None
         self._exited: asyncio.Future[reaper.Exit] | None = None
         self._on_exit: list[Callable[[int], None]] = []
+        self._console: ConsoleLog | None = None
         self._closed = False
 
     @property
@@ -325,7 +340,8 @@ class QemuVM:
         argv = qemu_argv(cfg, self.accel, host_tsc_khz() if self.accel.name == "tcg" else 0)
         if shutil.which(QEMU) is None:
             raise VMError(f"{QEMU} not found: apt-get install qemu-system-x86")
-        console = os.open(cfg.console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        console_r, console = os.pipe2(os.O_CLOEXEC)  # the guest's console, kept within a bound
+        self._console = ConsoleLog(console_r, cfg.console_log)
         netns_fd = os.open(cfg.netns, os.O_RDONLY | os.O_CLOEXEC) if cfg.netns else -1
         try:
             self.started_at = time.monotonic()
@@ -336,6 +352,9 @@ class QemuVM:
                 start_new_session=True,
                 preexec_fn=_enter_netns_and_die_with_parent(netns_fd),
             )
+        except BaseException:
+            self._console.close()
+            raise
         finally:
             os.close(console)
             if netns_fd >= 0:
@@ -366,6 +385,9 @@ class QemuVM:
             await asyncio.sleep(0.01)
 
     def console_tail(self, limit: int = 2000) -> str:
+        if self._console is not None:
+            with contextlib.suppress(OSError):
+                self._console.pump()  # what qemu wrote just before it exited
         try:
             with open(self.cfg.console_log, "rb") as f:
                 f.seek(0, os.SEEK_END)
@@ -398,6 +420,9 @@ class QemuVM:
         if self._exited is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(self._exited)
+        if self._console is not None:
+            await asyncio.wait([self._console.task], timeout=2)  # EOF follows qemu's exit
+            self._console.close()
         remove_run_dir(self.cfg.run_dir)
 
 

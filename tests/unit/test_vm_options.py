@@ -198,6 +198,10 @@ def test_qemu_argv(tmp_path: Path) -> None:
     assert "tsc_early_khz=2596124" in joined and "mitigations=off" in joined
     assert f"path={cfg.agent_socket}" in joined and "-no-reboot" in tcg
     assert "path=/usr,security_model=none,readonly=on,multidevs=forbid" in joined
+    # Hardened: seccomp on, no default devices or user config, no monitor, no user-mode network.
+    assert tcg[tcg.index("-sandbox") + 1].split(",")[0] == "on" and "spawn=deny" in joined
+    assert "-nodefaults" in tcg and "-no-user-config" in tcg
+    assert "-monitor" not in tcg and "-qmp" not in tcg and "user," not in joined
     kvm = " ".join(qemu.qemu_argv(cfg, qemu.Accel("kvm", ""), 0))
     assert "-accel kvm -cpu host" in kvm and "tsc_early_khz" not in kvm and "mitigations=off" not in kvm
     assert "-netdev" not in kvm

@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 import tty
 from collections.abc import Callable
@@ -30,12 +29,14 @@ from typing import Any
 from podshim import errdefs, oci
 from podshim.backends.base import Backend, Container, ContainerRequest, ExitCallback, Process, ProcessGone
 from podshim.backends.vm import spec as vmspec
+from podshim.guest.protocol import ProtocolError
 from podshim.system import mounts
 from podshim.system.cgroups import V2_METRICS_URL
 from podshim.system.stdio import ProcessIO, StdioConfig
 from podshim.vm import image as vmimage
 from podshim.vm import network, qemu
 from podshim.vm.client import AgentClient, AgentGone
+from podshim.vm.share import PodShare
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,6 @@ class VMContainer(Container):
         self.req = req
         self.id = req.id
         self.init: VMProcess = VMProcess(self, "", req.stdio)
-        self.host_dir = ""
         self.execs: dict[str, VMProcess] = {}
         self._deleted = False
         self._created_in_guest = False
@@ -247,10 +247,9 @@ class VMContainer(Container):
 
     async def create(self) -> None:
         b = self.backend
-        assert b.vm is not None
-        self.host_dir = os.path.join(b.vm.cfg.shared_dir, self.id)
+        assert b.share is not None
         try:
-            self._prepare_bundle()
+            self._prepare_bundle(b.share)
             wire = await self.init.open_stdio()
             b.register(self.init)
             resp = await b.call("create", id=self.id, bundle=self.guest_dir, stdio=wire)
@@ -264,43 +263,19 @@ class VMContainer(Container):
             self._remove_bundle()
             raise
 
-    def _prepare_bundle(self) -> None:
+    def _prepare_bundle(self, share: PodShare) -> None:
         req = self.req
-        if os.path.exists(self.host_dir):
-            raise errdefs.AlreadyExists(f"container {self.id} already has a bundle in the pod VM")
-        rootfs = os.path.join(self.host_dir, "rootfs")
-        os.makedirs(rootfs)
-        try:
-            if req.rootfs:
-                mounts.mount_all(req.rootfs, rootfs)
-            else:
-                root = str((req.spec.get("root") or {}).get("path") or "rootfs")
-                src = root if os.path.isabs(root) else os.path.join(req.bundle, root)
-                mounts.mount(mounts.Mount("bind", src, ("rbind",)), rootfs)
-            spec, binds = vmspec.guest_spec(req.spec, self.guest_dir)
-            for bind in binds:
-                target = os.path.join(self.host_dir, bind.name)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                if bind.is_dir:
-                    os.makedirs(target, exist_ok=True)
-                else:
-                    open(target, "a").close()
-                try:
-                    mounts.mount(mounts.Mount("bind", bind.source, ("rbind",)), target)
-                except OSError as e:
-                    raise errdefs.InvalidArgument(
-                        f"cannot share mount source {bind.source} with the VM: {e}"
-                    ) from e
-            with open(os.path.join(self.host_dir, "config.json"), "w") as f:
-                json.dump(spec, f)
-        except BaseException:
-            self._remove_bundle()
-            raise
+        rootfs = req.rootfs
+        if not rootfs:
+            root = str((req.spec.get("root") or {}).get("path") or "rootfs")
+            src = root if os.path.isabs(root) else os.path.join(req.bundle, root)
+            rootfs = [mounts.Mount("bind", src, ("rbind",))]
+        spec, binds = vmspec.guest_spec(req.spec, self.guest_dir)
+        share.add(self.id, spec, rootfs, binds)
 
     def _remove_bundle(self) -> None:
-        if self.host_dir and os.path.exists(self.host_dir):
-            mounts.unmount_all(self.host_dir)
-            shutil.rmtree(self.host_dir, ignore_errors=True)
+        if self.backend.share is not None:
+            self.backend.share.remove(self.id)
 
     async def new_exec(self, exec_id: str, process_spec: dict[str, Any], stdio: StdioConfig) -> Process:
         p = VMProcess(self, exec_id, stdio)
@@ -394,6 +369,7 @@ class VMBackend(Backend):
         self.on_oom = on_oom
         self.run_root = run_root or qemu.run_root()
         self.vm: qemu.QemuVM | None = None
+        self.share: PodShare | None = None
         self.client: AgentClient | None = None
         self.containers: dict[str, VMContainer] = {}
         self.owner = ""
@@ -434,6 +410,8 @@ class VMBackend(Backend):
         )
         vm = qemu.QemuVM(cfg)
         self.vm = vm
+        share = PodShare(run_dir)
+        self.share = share
         slot = qemu.BootSlot(
             self.run_root, int(os.environ.get(qemu.BOOT_SLOTS_ENV) or qemu.DEFAULT_BOOT_SLOTS)
         )
@@ -443,6 +421,7 @@ class VMBackend(Backend):
             await asyncio.wait_for(slot.acquire(), BOOT_TIMEOUT)
             try:
                 t_boot = time.monotonic()
+                share.open()
                 vm.spawn()
                 vm.on_exit(lambda status: self._lost(f"qemu exited with status {status}"))
                 if self.net is not None:
@@ -459,8 +438,7 @@ class VMBackend(Backend):
                         await connect
                     raise qemu.VMError(f"the pod VM died while booting: {vm.console_tail()}")
                 await connect
-                self.client = client
-                client.on_close(lambda: self._lost("the agent channel closed"))
+                self.attach(client)
                 if self.net is not None:
                     await client.call("network", commands=network.guest_commands(self.net))
             finally:
@@ -480,6 +458,11 @@ class VMBackend(Backend):
             time.monotonic() - t0,
             vm.accel.name,
         )
+
+    def attach(self, client: AgentClient) -> None:
+        """Serve the pod through ``client``, a connected session; its loss is the VM's death."""
+        self.client = client
+        client.on_close(lambda: self._lost(client.close_reason))
 
     async def _vm_exit(self) -> None:
         while self.vm is not None and self.vm.alive:
@@ -504,6 +487,9 @@ class VMBackend(Backend):
         if vm is not None:
             for c in list(self.containers.values()):
                 c._remove_bundle()
+        if self.share is not None:
+            self.share.close()  # the mounts this backend made, before the run dir goes
+        if vm is not None:
             await vm.close()
         if self.net is not None:
             net, self.net = self.net, None
@@ -536,18 +522,31 @@ class VMBackend(Backend):
         self._early_exits.pop(p.key, None)
 
     def _event(self, ev: dict[str, Any]) -> None:
+        """An event from the guest, which may lie: only ids this backend registered are believed
+        (an OOM for another pod's container id would reach CRI as that container's OOM), and what
+        is kept for later is bounded by what was registered.  A malformed event is a protocol
+        violation (ProtocolError), which ends the channel."""
         kind = ev.get("event")
+        cid = ev.get("id")
+        if not isinstance(cid, str):
+            raise ProtocolError(f"{kind} event without a container id")
         if kind == "exit":
-            key = (str(ev.get("id")), str(ev.get("exec_id") or ""))
-            status = int(ev.get("status") or 0)
-            p = self._procs.get(key)
-            if p is not None and p.pid:
+            eid, status = ev.get("exec_id") or "", ev.get("status")
+            if not isinstance(eid, str) or not isinstance(status, int) or isinstance(status, bool):
+                raise ProtocolError(f"malformed exit event for {cid}")
+            p = self._procs.get((cid, eid))
+            if p is None:
+                return  # not ours, or already deleted
+            if p.pid:
                 p.exited(status)
             else:
                 # An exec that exits before its exec call has returned.
-                self._early_exits[key] = status
+                self._early_exits[p.key] = status
         elif kind == "oom":
-            self.on_oom(str(ev.get("id")))
+            if cid in self.containers:
+                self.on_oom(cid)
+        else:
+            raise ProtocolError(f"unknown event {kind!r}")
 
     # -- Backend ---------------------------------------------------------------------------------
 
