@@ -31,6 +31,7 @@ def timestamp(at: float | None) -> Timestamp | None:
 
 
 class task_events:
+    DELETE_TOPIC = "/tasks/delete"
     @staticmethod
     def create(
         container_id: str,
@@ -63,7 +64,7 @@ class task_events:
 
     @staticmethod
     def delete(container_id: str, pid: int, status: int, at: float | None) -> Event:
-        return "/tasks/delete", events_pb2.TaskDelete(
+        return task_events.DELETE_TOPIC, events_pb2.TaskDelete(
             container_id=container_id, pid=pid, exit_status=status, exited_at=timestamp(at)
         )
 

@@ -20,7 +20,7 @@ from podshim import errdefs, oci
 from podshim.backends.base import Backend, ContainerRequest
 from podshim.events import Publisher
 from podshim.oci import ContainerType
-from podshim.process import ExecState, ExitInfo
+from podshim.process import LIVE, ExecState, ExitInfo
 from podshim.task import Task
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class Pod:
         """Delete a task's container; a workload's id is then free for reuse.  The sandbox task
         stays tracked, and queryable, until the shim exits."""
         task = self.get_task(tid)
-        if task.init.state is ExecState.RUNNING:
+        if task.init.state in LIVE:
             raise errdefs.FailedPrecondition("cannot delete task with running exec")
         info = await task.delete("")
         if tid != self.id:

@@ -45,8 +45,29 @@ class Exit:
 ExitCallback = Callable[[Exit], None]
 
 
+WaitFn = Callable[[int, int], tuple[int, int, object]]
+PidfdOpenFn = Callable[[int], int]
+
+
+def _names_a_process(pidfd_open: PidfdOpenFn, pid: int) -> bool:
+    """Whether ``pid`` names a process right now (running, or a zombie nobody reaped yet).
+
+    A pidfd refers to the process the pid names at the moment it is opened, so unlike
+    ``kill(pid, 0)`` this cannot be fooled into a yes by something that is not a process."""
+    try:
+        fd = pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EINVAL (not a thread-group leader) and the like: something lives there
+    os.close(fd)
+    return True
+
+
 class Reaper:
-    def __init__(self) -> None:
+    def __init__(self, wait4: WaitFn = os.wait4, pidfd_open: PidfdOpenFn = os.pidfd_open) -> None:
+        self._wait4 = wait4
+        self._pidfd_open = pidfd_open
         self._claims: dict[int, ExitCallback] = {}
         # Exits of pids nobody has claimed yet, kept only while a claim may still come
         # (a container that exits before its pid file is read).
@@ -76,8 +97,14 @@ class Reaper:
                 self._unclaimed.clear()
 
     def claim(self, pid: int, callback: ExitCallback) -> None:
+        """Route pid's exit to callback, also one reaped earlier while ``expecting``.
+
+        An exit kept for pid may be a former holder's: a process of ours that exited, was
+        reaped, and whose pid the kernel then gave to the process being claimed now.  A pid is
+        only reused once its zombie is reaped, so while pid still names a process, that
+        process is the one being claimed and the kept exit is stale."""
         early = self._unclaimed.pop(pid, None)
-        if early is not None:
+        if early is not None and not _names_a_process(self._pidfd_open, pid):
             callback(early)
             return
         self._claims[pid] = callback
@@ -98,7 +125,7 @@ class Reaper:
     def reap(self) -> None:
         while True:
             try:
-                pid, status, _ = os.wait4(-1, os.WNOHANG)
+                pid, status, _ = self._wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -186,6 +213,25 @@ def spawn(
     return proc, fut
 
 
+async def wait_or_kill(pid: int, exited: asyncio.Future[Exit]) -> Exit:
+    """The child's exit.  If the waiting is cancelled (a deadline), the child is SIGKILLed
+    first, as Go's ``exec.CommandContext`` does, and reaped before the cancellation goes on."""
+    try:
+        return await asyncio.shield(exited)
+    except BaseException:
+        await kill_and_reap(pid, exited)
+        raise
+
+
+async def kill_and_reap(pid: int, exited: asyncio.Future[Exit], timeout: float = 5.0) -> None:
+    if not exited.done():
+        # The pid cannot have been reused: it is ours to reap, and its exit has not been seen.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(exited), timeout)
+
+
 def spawn_with_fds(
     argv: Sequence[str], fds: Mapping[int, int], env: Mapping[str, str] | None = None
 ) -> tuple[int, asyncio.Future[Exit]]:
@@ -230,6 +276,10 @@ async def run(
             proc.stdin.write(input)
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.close()
-    out, err = await asyncio.gather(_read_all(out_fd), _read_all(err_fd))
-    ex = await exited
+    try:
+        out, err = await asyncio.gather(_read_all(out_fd), _read_all(err_fd))
+    except BaseException:
+        await kill_and_reap(proc.pid, exited)
+        raise
+    ex = await wait_or_kill(proc.pid, exited)
     return Completed(argv, ex.status, out, err)

@@ -13,6 +13,7 @@ from podshim.backends.base import ContainerRequest
 from podshim.backends.host.sandbox import SandboxHolder
 from podshim.process import Exec, ExecState
 from podshim.system.stdio import StdioConfig
+from podshim.task import Task
 
 
 class Events:
@@ -27,7 +28,7 @@ def sandbox() -> tuple[SandboxHolder, Exec, Events]:
     req = ContainerRequest(id="pod", bundle="/b", spec={}, rootfs=[], stdio=StdioConfig(), namespace="k8s.io")
     holder = SandboxHolder(req)
     events = Events()
-    e = Exec(task_id="pod", exec_id="", stdio=req.stdio, process=holder.init, events=events)
+    e = Task(req, holder, events).init
     return holder, e, events
 
 

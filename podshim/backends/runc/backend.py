@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -14,7 +15,7 @@ from podshim.backends.base import Backend, Container, ContainerRequest, PipedPro
 from podshim.backends.runc.runc import Runc, RuncError, read_pid_file
 from podshim.system import cgroups, mounts
 from podshim.system.cgroups import Cgroup, OOMWatcher
-from podshim.system.reaper import REAPER
+from podshim.system.reaper import REAPER, Exit, kill_and_reap
 from podshim.system.stdio import ProcessIO, StdioConfig
 
 
@@ -34,12 +35,38 @@ def exec_pid_file(bundle: str, exec_id: str) -> str:
     return os.path.join(bundle, f"exec-{exec_id}.pid")
 
 
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+async def _kill_half_started(pid_file: str, on_exit: Callable[[Exit], None] = lambda ex: None) -> int:
+    """After ``runc create`` or ``runc exec`` failed or was killed (a deadline): the process it
+    wrote a pid file for may be running, ours now to kill and reap.  Called while the reaper
+    keeps unclaimed exits, so an exit that came first is not lost.  Returns the pid, or 0."""
+    try:
+        pid = read_pid_file(pid_file)
+    except (OSError, ValueError):
+        return 0
+    exited: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
+
+    def claimed(ex: Exit) -> None:
+        on_exit(ex)
+        if not exited.done():
+            exited.set_result(ex)
+
+    REAPER.claim(pid, claimed)
+    await kill_and_reap(pid, exited)
+    return pid
+
+
 class _RuncProcess(PipedProcess):
     """What init and execs share: their pid claimed from the reaper."""
 
     def _claim(self, pid: int) -> None:
         self.pid = pid
         REAPER.claim(pid, self.exited)
+
 
     async def close(self) -> None:
         if self.pid and self._exit is None:
@@ -104,6 +131,7 @@ class RuncExec(_RuncProcess):
         c = self.container
         assert self.pio is not None
         pid_file = exec_pid_file(c.bundle, self.exec_id)
+        _remove(pid_file)  # only this start's pid file may name a process to kill
         # Exec ids are unique among live execs: the name cannot clash with another start.
         spec_path = os.path.join(c.bundle, f".exec-{self.exec_id}.json")
         fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -123,6 +151,7 @@ class RuncExec(_RuncProcess):
                 except BaseException:
                     if console is not None:
                         console.cancel()
+                    self.pid = await _kill_half_started(pid_file, self.exited)
                     raise
                 if console is not None:
                     self.pio.attach_console(await console)
@@ -182,6 +211,7 @@ class RuncContainer(Container):
             )
             console = pio.listen_console() if pio.console_socket_path else None
             pid_file = os.path.join(self.bundle, "init.pid")
+            _remove(pid_file)
             with REAPER.expecting():
                 try:
                     await self.runc.create(
@@ -196,6 +226,7 @@ class RuncContainer(Container):
                 except BaseException:
                     if console is not None:
                         console.cancel()
+                    await _kill_half_started(pid_file)
                     raise
                 if console is not None:
                     pio.attach_console(await console)
@@ -204,6 +235,8 @@ class RuncContainer(Container):
                 # Stats work from Create on, as with runc-v2 (containerd's client tests ask early).
                 self.cgroup = Cgroup.of_pid(self.init.pid)
         except BaseException:
+            # Also when cancelled (a deadline): runc create is killed by then, and what it made
+            # goes now, or the id stays taken and its cgroup, mounts and runc state leak.
             if pio is not None:
                 await pio.close()
             with contextlib.suppress(Exception):

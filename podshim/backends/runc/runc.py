@@ -100,7 +100,7 @@ class Runc:
             proc, exited = reaper.spawn(
                 self._argv(*args), stdin=stdio_fds[0], stdout=stdio_fds[1], stderr=stdio_fds[2]
             )
-        ex = await exited
+        ex = await reaper.wait_or_kill(proc.pid, exited)
         if ex.status != 0:
             raise self._error(args[0], ex.status, "")
 
