@@ -91,6 +91,17 @@ def exit_code(wait_status: int) -> int:
     return os.waitstatus_to_exitcode(wait_status)
 
 
+def _names_a_process(pid: int) -> bool:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    os.close(fd)
+    return True
+
+
 class Reaper:
     """The only waiter: reaps every child and orphan, hands each status to whoever claimed it."""
 
@@ -119,6 +130,10 @@ class Reaper:
     def claim(self, pid: int, callback: Callable[[int], None]) -> None:
         with self._lock:
             status = self._unclaimed.pop(pid, None)
+            if status is not None and _names_a_process(pid):
+                # A former holder's exit: a pid is reused only after its zombie is reaped, so a
+                # pid that names a process now names the one being claimed.
+                status = None
             if status is None:
                 self._claims[pid] = callback
                 return
