@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import ctypes
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -437,15 +436,18 @@ def freeze(cg: Cgroup, frozen: bool) -> None:
         raise OSError("no freezer cgroup: cannot pause")
 
 
-def remove(cg: Cgroup) -> None:
-    """rmdir every directory; the caller has emptied the cgroup first."""
+async def remove(cg: Cgroup, attempts: int = 50, pause: float = 0.01) -> None:
+    """rmdir every directory; the caller has emptied the cgroup first.  Just-killed processes
+    leave the cgroup a moment after their death is reaped (on v1, up to seconds): retry, with
+    the loop free in between."""
     for d in _dirs(cg):
-        for _ in range(50):
+        for attempt in range(attempts):
             try:
                 os.rmdir(d)
                 break
             except FileNotFoundError:
                 break
             except OSError:
-                # Just-killed processes leave the cgroup a moment after their death is reaped.
-                time.sleep(0.01)
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(pause)

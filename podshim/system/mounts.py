@@ -155,24 +155,26 @@ def mount_all(mounts: list[Mount], target: str) -> None:
 
 
 def _mount_points() -> list[str]:
+    """Every mount point, once per mount (a point with mounts stacked on it is listed as often)."""
     points: list[str] = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            parts = line.split()
+            parts = line.split(" ", 5)
             if len(parts) > 4:
                 points.append(parts[4].encode().decode("unicode_escape"))
     return points
 
 
 def unmount_all(target: str) -> None:
-    """Detach every mount at or below target, deepest first, until none is left."""
+    """Detach every mount at or below target, deepest first.
+
+    One parse of mountinfo for the whole batch (it may be thousands of lines on a busy node,
+    and this runs on the shim's only thread): each mount found is detached once, stacked ones
+    included; EINVAL means a detach higher up already took it along."""
     target = os.path.realpath(target)
-    for _ in range(64):
-        below = [p for p in _mount_points() if p == target or p.startswith(target + "/")]
-        if not below:
-            return
-        for p in sorted(below, key=len, reverse=True):
-            if _libc.umount2(p.encode(), MNT_DETACH) != 0:
-                err = ctypes.get_errno()
-                if err not in (22, 2):  # EINVAL: not a mount (any more); ENOENT: gone
-                    raise OSError(err, f"unmount {p}: {os.strerror(err)}")
+    below = [p for p in _mount_points() if p == target or p.startswith(target + "/")]
+    for p in sorted(below, key=lambda p: p.count("/"), reverse=True):
+        if _libc.umount2(p.encode(), MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            if err not in (22, 2):  # EINVAL: not a mount (any more); ENOENT: gone
+                raise OSError(err, f"unmount {p}: {os.strerror(err)}")

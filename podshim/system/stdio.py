@@ -109,6 +109,18 @@ def _private_dir(prefix: str) -> str:
             continue
 
 
+async def receive_fds(conn: socket.socket, maxfds: int = 1) -> list[int]:
+    """The fds of the next message on a connected unix socket, without blocking the loop: a
+    runc that connects and then stalls (or dies) must not stop the shim."""
+    conn.setblocking(False)
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(conn, 4096, maxfds)
+            return fds
+        except BlockingIOError:
+            await readable(conn.fileno())
+
+
 def _open_fifo_pair(path: str) -> tuple[int, int]:
     """Our own reader and writer on a FIFO: opens never block and writes never fail with EPIPE."""
     r = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -302,10 +314,11 @@ class ProcessIO:
             finally:
                 srv.close()
             with conn:
-                conn.setblocking(True)
-                _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+                fds = await receive_fds(conn)
             if not fds:
                 raise errdefs.ShimError("runc sent no console master")
+            for extra in fds[1:]:
+                _close(extra)
             return fds[0]
 
         return asyncio.get_running_loop().create_task(accept())

@@ -146,7 +146,7 @@ class HostContainer(Container):
             await init.prepare()
             self.init = init
         except BaseException:
-            self._release_resources()
+            await self._release_resources()
             raise
         self.backend.oom.add(self.id, self.cgroup)
 
@@ -188,10 +188,11 @@ class HostContainer(Container):
         self.backend.oom.remove(self.id)
         await self.kill_all(signal.SIGKILL)
         await self.init.close()
-        self._release_resources()
+        await self._release_resources()
 
-    def _release_resources(self) -> None:
-        cgroups.remove(self.cgroup)
+    async def _release_resources(self) -> None:
+        with contextlib.suppress(OSError):  # as before: a cgroup that will not go is left, not fatal
+            await cgroups.remove(self.cgroup)
         if self._mounted:
             mounts.unmount_all(self.mount_point)
             self._mounted = False
