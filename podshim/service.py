@@ -125,6 +125,11 @@ class TaskService:
         return task, task.get_exec(ids.check_exec_id(eid))
 
     def _backend(self, req: ContainerRequest, opts: options.ShimOptions) -> Backend:
+        backend = self._new_backend(req, opts)
+        backend.preload()
+        return backend
+
+    def _new_backend(self, req: ContainerRequest, opts: options.ShimOptions) -> Backend:
         isolation = policy.isolation(opts, req.spec)
         if isolation == "process":
             return RuncBackend(

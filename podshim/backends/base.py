@@ -8,6 +8,7 @@ standalone task); it makes ``Container``s, and a container makes ``Process``es.
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,6 +156,15 @@ class Backend(abc.ABC):
     """An isolation mode, for one pod or one standalone task."""
 
     name: str
+    lazy_modules: tuple[str, ...] = ()
+    """Modules the backend imports only where it uses them, so that shims that never need them
+    do not pay for them.  ``preload`` imports them when the backend is created: a shim that
+    lives through a package upgrade must never load new code into its old process."""
+
+    @classmethod
+    def preload(cls) -> None:
+        for name in cls.lazy_modules:
+            importlib.import_module(name)
 
     @abc.abstractmethod
     async def create_container(self, req: ContainerRequest) -> Container:

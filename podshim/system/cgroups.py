@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from podshim import errdefs
+
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
@@ -238,12 +240,12 @@ def v2_metrics(cg: Cgroup) -> dict[str, Any]:
 
 V1_METRICS_URL = "io.containerd.cgroups.v1.Metrics"
 V2_METRICS_URL = "io.containerd.cgroups.v2.Metrics"
+METRICS_MODULES = ("podshim.api.cgroups_v1_pb2", "podshim.api.cgroups_v2_pb2")
+"""What ``metrics`` encodes with: a backend that reports stats preloads them (backends.base)."""
 
 
 def metrics(cg: Cgroup | None) -> tuple[str, bytes]:
     """Stats as containerd decodes them: (type url, encoded cgroups Metrics) (spec §5.6)."""
-    from podshim import errdefs
-
     if cg is None or not cg.exists():
         raise errdefs.NotFound("cgroup does not exist")  # what runc-v2 says; CRI skips it
     # The messages take nested dicts directly; json_format would cost every shim ~4 MiB.

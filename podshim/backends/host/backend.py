@@ -214,6 +214,7 @@ def _cgroupfs_path(path: str, namespace: str, cid: str) -> str:
 
 class HostBackend(Backend):
     name = "host"
+    lazy_modules = cgroups.METRICS_MODULES
 
     def __init__(self, namespace: str, on_oom: Callable[[str], None], options: ShimOptions) -> None:
         self.namespace = namespace

@@ -297,6 +297,7 @@ class RuncContainer(Container):
 
 class RuncBackend(Backend):
     name = "process"
+    lazy_modules = cgroups.METRICS_MODULES
 
     def __init__(self, settings: RuncSettings, namespace: str, on_oom: Callable[[str], None]) -> None:
         self.settings = settings

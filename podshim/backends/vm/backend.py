@@ -356,6 +356,10 @@ def _add_vm_usage(metrics: dict[str, Any], backend: VMBackend) -> None:
 
 class VMBackend(Backend):
     name = "vm"
+    # Stats decoding, the pod network (only VM pods pay for pyroute2), the guest package's path.
+    lazy_modules = (
+        "google.protobuf.json_format", "podshim.api.cgroups_v2_pb2", "pyroute2", "podshim.guest.agent",
+    )  # fmt: skip
 
     def __init__(
         self,
