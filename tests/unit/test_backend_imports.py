@@ -49,5 +49,6 @@ def test_no_module_is_imported_after_the_backend_is_created(name: str) -> None:
 def test_the_vm_backend_lists_what_it_imports_late() -> None:
     from podshim.backends.vm.backend import VMBackend
 
-    assert {"pyroute2", "google.protobuf.json_format", "podshim.api.cgroups_v2_pb2"} <= set(VMBackend.lazy_modules)
+    late = {"pyroute2", "google.protobuf.json_format", "podshim.api.cgroups_v2_pb2"}
+    assert late <= set(VMBackend.lazy_modules)
     VMBackend.preload()
