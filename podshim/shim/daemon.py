@@ -12,6 +12,7 @@ import sys
 
 from podshim import options
 from podshim.service import SERVICE, TaskService
+from podshim.shim import loopcheck
 from podshim.shim.publisher import EventPublisher
 from podshim.system import reaper
 from podshim.ttrpc.server import Server
@@ -41,6 +42,7 @@ async def serve(
     sock: socket.socket, *, namespace: str, socket_path: str, start_options: options.ShimOptions
 ) -> int:
     loop = asyncio.get_running_loop()
+    loopcheck.install_from_env(loop)
     reaper.become_subreaper()
     reaper.REAPER.install(loop)
     done = asyncio.Event()

@@ -182,6 +182,9 @@ def cri(request: pytest.FixtureRequest, cri_containerd: CriContainerd) -> Iterat
             if errors:
                 msg += "\nand removing its pods through CRI failed:\n" + "\n".join(errors)
             pytest.fail(msg, pytrace=False)
+        blocked = cd.blocked_loop_reports(since=request.node.stash[_LOG_OFFSET_KEY])
+        if blocked:
+            pytest.fail("a shim blocked its event loop:\n" + "\n".join(blocked), pytrace=False)
     finally:
         if client.pods and cd.is_running():
             client.force_remove_pods(client.pods)  # after a failed test: best effort

@@ -140,6 +140,9 @@ def _e2e_guard(request: pytest.FixtureRequest, containerd: PrivateContainerd) ->
     if leaked:
         leaks.reclaim(leaked)
         pytest.fail(f"the test leaked:\n{leaked.describe()}", pytrace=False)
+    blocked = containerd.blocked_loop_reports(since=request.node.stash[_LOG_OFFSET_KEY])
+    if blocked:
+        pytest.fail("a shim blocked its event loop:\n" + "\n".join(blocked), pytrace=False)
 
 
 @pytest.hookimpl(wrapper=True)
