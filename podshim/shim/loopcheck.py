@@ -14,6 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
+import threading
+import time
+import traceback
 from asyncio import events
 from collections.abc import Callable
 
@@ -31,22 +35,52 @@ def _run_queue_wait() -> float:
         return 0.0
 
 
-def _timed_run(run: Callable[[events.Handle], None]) -> Callable[[events.Handle], None]:
+class _Watchdog:
+    """Samples the loop thread's stack once a callback has run past the bound, so the report
+    names the line that blocked, not just the task."""
+
+    def __init__(self, bound: float) -> None:
+        self.bound = bound
+        self.loop_thread = threading.get_ident()
+        self.started = 0.0  # when the running callback began; 0 between callbacks
+        self.seq = 0
+        self.stack = ""
+        self.stopped = False
+        threading.Thread(target=self._watch, name="loopcheck", daemon=True).start()
+
+    def _watch(self) -> None:
+        sampled = -1
+        while not self.stopped:
+            time.sleep(self.bound / 4)
+            started, seq = self.started, self.seq
+            if started and seq != sampled and time.monotonic() - started > self.bound:
+                frame = sys._current_frames().get(self.loop_thread)
+                if frame is not None:
+                    self.stack = "".join(traceback.format_stack(frame)[-6:])
+                sampled = seq
+
+
+def _timed_run(run: Callable[[events.Handle], None], dog: _Watchdog) -> Callable[[events.Handle], None]:
     def _run(self: events.Handle) -> None:
         global _last_wait
         before = _run_queue_wait()
+        dog.seq += 1
+        dog.stack = ""
+        dog.started = time.monotonic()
         try:
             run(self)
         finally:
+            dog.started = 0.0
             _last_wait = _run_queue_wait() - before
 
     return _run
 
 
 class _Blocked(logging.Filter):
-    def __init__(self, bound: float) -> None:
+    def __init__(self, bound: float, dog: _Watchdog | None = None) -> None:
         super().__init__()
         self.bound = bound
+        self.dog = dog
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not str(record.msg).startswith("Executing %s took"):
@@ -56,7 +90,8 @@ class _Blocked(logging.Filter):
         own = took - _last_wait
         if own < self.bound:
             return False  # it waited for a CPU; it did not block
-        record.msg = f"{BLOCKED_MARK}: {record.msg} ({own:.3f} s of it not waiting for a CPU)"
+        where = f"; it was at: {self.dog.stack!r}" if self.dog is not None and self.dog.stack else ""
+        record.msg = f"{BLOCKED_MARK}: {record.msg} ({own:.3f} s of it not waiting for a CPU){where}"
         return True
 
 
@@ -72,13 +107,15 @@ def install_from_env(loop: asyncio.AbstractEventLoop) -> bool:
 def install(loop: asyncio.AbstractEventLoop, bound: float) -> Callable[[], None]:
     """Check ``loop``; returns the undo (for tests: the shim keeps it for life)."""
     run = events.Handle._run
-    setattr(events.Handle, "_run", _timed_run(run))  # noqa: B010 - a debug-only patch
+    dog = _Watchdog(bound)
+    setattr(events.Handle, "_run", _timed_run(run, dog))  # noqa: B010 - a debug-only patch
     loop.set_debug(True)
     loop.slow_callback_duration = bound
-    check = _Blocked(bound)
+    check = _Blocked(bound, dog)
     logging.getLogger("asyncio").addFilter(check)
 
     def undo() -> None:
+        dog.stopped = True
         setattr(events.Handle, "_run", run)  # noqa: B010
         loop.set_debug(False)
         logging.getLogger("asyncio").removeFilter(check)

@@ -203,6 +203,41 @@ def spawn(
         preexec_fn=preexec_fn,
     )
     # Claimed in the same loop iteration as the fork, so the reaper cannot have seen it yet.
+    return proc, _claim_popen(proc)
+
+
+async def spawn_off_loop(
+    argv: Sequence[str],
+    *,
+    stdin: int | None = subprocess.DEVNULL,
+    stdout: int | None = subprocess.DEVNULL,
+    stderr: int | None = subprocess.DEVNULL,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    pass_fds: Sequence[int] = (),
+) -> tuple[subprocess.Popen[bytes], asyncio.Future[Exit]]:
+    """``spawn``, with the fork and exec on a worker thread.  Popen returns only once the child
+    has exec'd, and on a loaded node the child may wait for a CPU first: every runc call would
+    stop the shim's loop for that long.  Exits reaped meanwhile are kept (``expecting``), and a
+    child whose caller was cancelled during the spawn is killed, not left running."""
+    loop = asyncio.get_running_loop()
+    def popen() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(list(argv), stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd,
+                                pass_fds=tuple(pass_fds))  # fmt: skip
+
+    with REAPER.expecting():
+        spawning = loop.run_in_executor(None, popen)
+        try:
+            proc = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            proc = await spawning  # the child exists, or will in a moment: it must not outlive us
+            fut = _claim_popen(proc)
+            await kill_and_reap(proc.pid, fut)
+            raise
+        return proc, _claim_popen(proc)
+
+
+def _claim_popen(proc: subprocess.Popen[bytes]) -> asyncio.Future[Exit]:
     fut = REAPER.claim_future(proc.pid)
 
     def settle(f: asyncio.Future[Exit]) -> None:
@@ -210,7 +245,7 @@ def spawn(
         proc.returncode = f.result().status if not f.cancelled() else -1
 
     fut.add_done_callback(settle)
-    return proc, fut
+    return fut
 
 
 async def wait_or_kill(pid: int, exited: asyncio.Future[Exit]) -> Exit:
@@ -256,7 +291,7 @@ async def run(
     pass_fds: Sequence[int] = (),
 ) -> Completed:
     """Run a helper program to completion, collecting its output."""
-    proc, exited = spawn(
+    proc, exited = await spawn_off_loop(
         argv,
         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,

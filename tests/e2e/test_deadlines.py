@@ -153,7 +153,7 @@ def test_deadlines_during_create_and_start_leave_nothing_stuck(
             c.ok("Wait", T.WaitRequest(id="first", exec_id=f"x{i}"))
             c.ok("Delete", T.DeleteRequest(id="first", exec_id=f"x{i}"))
             pids = T.PidsResponse.FromString(c.ok("Pids", T.PidsRequest(id="first")))
-            assert len(pids.processes) == 1, f"an exec outlived its cancelled start: {pids}"
+            assert len(pids.processes) == 1, f"an exec outlived its cancelled start: {describe(pids)}"
     finally:
         c.close()
     print("deadline outcomes:", outcomes)
@@ -162,6 +162,18 @@ def test_deadlines_during_create_and_start_leave_nothing_stuck(
     assert outcomes["start"]["DEADLINE_EXCEEDED"] >= 1, outcomes
     assert outcomes["start"]["exec DEADLINE_EXCEEDED"] >= 1, outcomes
     finish(ctr, "first")
+
+
+def describe(pids: T.PidsResponse) -> list[str]:
+    out = []
+    for p in pids.processes:
+        try:
+            cmd = Path(f"/proc/{p.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            stat = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out.append(f"{p.pid} (parent {stat[1]}, state {stat[0]}): {cmd}")
+        except OSError:
+            out.append(f"{p.pid} (gone)")
+    return out
 
 
 def _any(spec: dict[str, Any]) -> Any:

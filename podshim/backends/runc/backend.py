@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +20,8 @@ from podshim.system import cgroups, mounts
 from podshim.system.cgroups import Cgroup, OOMWatcher
 from podshim.system.reaper import REAPER, Exit, kill_and_reap
 from podshim.system.stdio import ProcessIO, StdioConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,9 +40,40 @@ def exec_pid_file(bundle: str, exec_id: str) -> str:
     return os.path.join(bundle, f"exec-{exec_id}.pid")
 
 
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def boot_ticks() -> int:
+    """Now, in the unit of /proc/<pid>/stat's start time (clock ticks since boot)."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _TICKS)
+
+
+def _stat(pid: int) -> tuple[int, int]:
+    """(parent pid, start time in ticks since boot); (0, 0) once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+
+
+def _descends_from(pid: int, ancestors: set[int]) -> bool:
+    me = os.getpid()
+    while pid > 1 and pid != me:
+        if pid in ancestors:
+            return True
+        pid = _stat(pid)[0]
+    return False
+
+
+def _remove(pid_file: str) -> None:
+    """A pid file, and runc's temporary one beside it (a killed runc leaves that behind, and
+    the next runc with the same pid file refuses to start: "file exists")."""
+    d, name = os.path.split(pid_file)
+    for path in (pid_file, os.path.join(d, "." + name)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 async def _kill_half_started(pid_file: str, on_exit: Callable[[Exit], None] = lambda ex: None) -> int:
@@ -129,6 +165,14 @@ class RuncExec(_RuncProcess):
 
     async def _start(self) -> int:
         c = self.container
+        c.exec_starts += 1
+        try:
+            return await self._run_exec()
+        finally:
+            c.exec_starts -= 1
+
+    async def _run_exec(self) -> int:
+        c = self.container
         assert self.pio is not None
         pid_file = exec_pid_file(c.bundle, self.exec_id)
         _remove(pid_file)  # only this start's pid file may name a process to kill
@@ -139,6 +183,7 @@ class RuncExec(_RuncProcess):
             with os.fdopen(fd, "w") as f:
                 json.dump(self.spec, f)
             console = self.pio.listen_console() if self.pio.console_socket_path else None
+            since = boot_ticks()
             with REAPER.expecting():
                 try:
                     await c.runc.exec(
@@ -152,6 +197,8 @@ class RuncExec(_RuncProcess):
                     if console is not None:
                         console.cancel()
                     self.pid = await _kill_half_started(pid_file, self.exited)
+                    if not self.pid:
+                        c.kill_strays(since)
                     raise
                 if console is not None:
                     self.pio.attach_console(await console)
@@ -171,6 +218,7 @@ class RuncExec(_RuncProcess):
             raise ProcessGone() from e
 
     async def close(self) -> None:
+        self.container.execs.discard(self)
         await super().close()
         with contextlib.suppress(OSError):
             os.unlink(exec_pid_file(self.container.bundle, self.exec_id))
@@ -184,6 +232,8 @@ class RuncContainer(Container):
         self.req = req
         self.runc = runc
         self.cgroup: Cgroup | None = None
+        self.execs: set[RuncExec] = set()
+        self.exec_starts = 0
         self._mounted = False
         self._deleted = False
 
@@ -251,7 +301,26 @@ class RuncContainer(Container):
             self.backend.oom.add(self.id, self.cgroup)
 
     async def new_exec(self, exec_id: str, process_spec: dict[str, Any], stdio: StdioConfig) -> Process:
-        return RuncExec(self, exec_id, process_spec, stdio)
+        e = RuncExec(self, exec_id, process_spec, stdio)
+        self.execs.add(e)
+        return e
+
+    def kill_strays(self, since: int) -> None:
+        """After a ``runc exec`` killed (a deadline) before it wrote its pid file: the process it
+        was starting may live on in the container, known to nobody.  It is a process of the
+        cgroup that started after ``since`` (boot ticks) and descends neither from the init nor
+        from a known exec.  Skipped while another exec start is in flight, whose process is not
+        known yet either."""
+        if self.exec_starts > 1 or self.cgroup is None:
+            log.info("%s: not looking for strays of a failed exec (%d starts)", self.id, self.exec_starts)
+            return
+        known = {self.init.pid} | {e.pid for e in self.execs if e.pid}
+        for pid in self.cgroup.pids():
+            if _stat(pid)[1] >= since and not _descends_from(pid, known):
+                log.info("%s: killing %d, left by a failed exec", self.id, pid)
+                # A descendant of ours, not reaped yet (we are its subreaper): the pid is its own.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     async def kill_all(self, signal: int) -> None:
         try:

@@ -95,9 +95,9 @@ class Runc:
         """runc hands its own stdio to the container process, so it gets the container's pipes, or
         /dev/null: pipes of ours would be held open by the container and never reach EOF."""
         if stdio_fds is None:
-            proc, exited = reaper.spawn(self._argv(*args))
+            proc, exited = await reaper.spawn_off_loop(self._argv(*args))
         else:
-            proc, exited = reaper.spawn(
+            proc, exited = await reaper.spawn_off_loop(
                 self._argv(*args), stdin=stdio_fds[0], stdout=stdio_fds[1], stderr=stdio_fds[2]
             )
         ex = await reaper.wait_or_kill(proc.pid, exited)
