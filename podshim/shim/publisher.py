@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 SERVICE = "containerd.services.events.ttrpc.v1.Events"
 FORWARD_TIMEOUT = 5.0
 RETRIES = 5
+RETRY_DELAY = 1.0  # seconds before the first retry; the n-th waits n times this
 
 
 class EventPublisher:
@@ -65,7 +66,7 @@ class EventPublisher:
                 if attempt == RETRIES:
                     log.error("dropping event %s after %d attempts: %s", req.envelope.topic, attempt + 1, e)
                     return
-                await asyncio.sleep(attempt + 1)
+                await asyncio.sleep(RETRY_DELAY * (attempt + 1))
 
     async def close(self, timeout: float = 5.0) -> None:
         """Flush what is queued (bounded), then disconnect."""
