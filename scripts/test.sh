@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: set up (idempotent), lint, type-check, then the whole pytest suite.
 #   scripts/test.sh [pytest args...]        e.g. scripts/test.sh -k differential -x
+#   scripts/test.sh -m soak                 the soak run, deselected by default (pyproject addopts)
 # Run as root: the e2e tests start private containerds (pytest re-executes itself in a private
 # mount namespace, see conftest.py). Exits non-zero if any step fails, including when pytest
 # collects no tests at all (its exit code 5).
