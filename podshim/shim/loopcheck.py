@@ -5,13 +5,15 @@ containerd, whose shims inherit it), the loop runs in asyncio's debug mode and a
 slow-callback warning ("Executing <callback> took N seconds") fires at that bound.  On a busy
 machine a callback also "takes" the time it waited for a CPU; that part is not the shim's doing,
 so a warning is passed on only when the callback's own time (wall time less the time its thread
-sat runnable on the run queue, from ``/proc/thread-self/schedstat``) is over the bound too.  What
+sat runnable on the run queue, from ``/proc/thread-self/schedstat``, and less the garbage
+collector's pauses, which are no call of ours) is over the bound too.  What
 passes is logged with ``BLOCKED_MARK``, which the harness looks for in containerd's log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -25,6 +27,18 @@ ENV = "PODSHIM_LOOP_BLOCK_MS"
 BLOCKED_MARK = "podshim: the event loop was blocked"
 
 _last_wait = 0.0  # run-queue wait, in seconds, during the callback that ran last
+_last_gc = 0.0  # time in the garbage collector during it
+_gc_total = 0.0
+_gc_started = 0.0
+
+
+def _gc_timer(phase: str, info: dict[str, int]) -> None:
+    global _gc_total, _gc_started
+    if phase == "start":
+        _gc_started = time.monotonic()
+    elif _gc_started:
+        _gc_total += time.monotonic() - _gc_started
+        _gc_started = 0.0
 
 
 def _run_queue_wait() -> float:
@@ -62,8 +76,9 @@ class _Watchdog:
 
 def _timed_run(run: Callable[[events.Handle], None], dog: _Watchdog) -> Callable[[events.Handle], None]:
     def _run(self: events.Handle) -> None:
-        global _last_wait
+        global _last_wait, _last_gc
         before = _run_queue_wait()
+        gc_before = _gc_total
         dog.seq += 1
         dog.stack = ""
         dog.started = time.monotonic()
@@ -72,6 +87,7 @@ def _timed_run(run: Callable[[events.Handle], None], dog: _Watchdog) -> Callable
         finally:
             dog.started = 0.0
             _last_wait = _run_queue_wait() - before
+            _last_gc = _gc_total - gc_before
 
     return _run
 
@@ -87,11 +103,12 @@ class _Blocked(logging.Filter):
             return True
         args = record.args if isinstance(record.args, tuple) else ()
         took = args[1] if len(args) > 1 and isinstance(args[1], float) else 0.0
-        own = took - _last_wait
+        own = took - _last_wait - _last_gc
         if own < self.bound:
-            return False  # it waited for a CPU; it did not block
+            return False  # it waited for a CPU, or the collector ran: no call of ours blocked
         where = f"; it was at: {self.dog.stack!r}" if self.dog is not None and self.dog.stack else ""
-        record.msg = f"{BLOCKED_MARK}: {record.msg} ({own:.3f} s of it not waiting for a CPU){where}"
+        record.msg = (f"{BLOCKED_MARK}: {record.msg} ({own:.3f} s of it neither waiting for a CPU nor "
+                      f"collecting garbage){where}")  # fmt: skip
         return True
 
 
@@ -108,6 +125,7 @@ def install(loop: asyncio.AbstractEventLoop, bound: float) -> Callable[[], None]
     """Check ``loop``; returns the undo (for tests: the shim keeps it for life)."""
     run = events.Handle._run
     dog = _Watchdog(bound)
+    gc.callbacks.append(_gc_timer)
     setattr(events.Handle, "_run", _timed_run(run, dog))  # noqa: B010 - a debug-only patch
     loop.set_debug(True)
     loop.slow_callback_duration = bound
@@ -116,6 +134,7 @@ def install(loop: asyncio.AbstractEventLoop, bound: float) -> Callable[[], None]
 
     def undo() -> None:
         dog.stopped = True
+        gc.callbacks.remove(_gc_timer)
         setattr(events.Handle, "_run", run)  # noqa: B010
         loop.set_debug(False)
         logging.getLogger("asyncio").removeFilter(check)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -178,7 +180,7 @@ async def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def spawn(
+def _popen(
     argv: Sequence[str],
     *,
     stdin: int | None = subprocess.DEVNULL,
@@ -189,9 +191,8 @@ def spawn(
     pass_fds: Sequence[int] = (),
     start_new_session: bool = False,
     preexec_fn: Callable[[], None] | None = None,
-) -> tuple[subprocess.Popen[bytes], asyncio.Future[Exit]]:
-    """Start a child whose exit is delivered by the reaper, never by Popen.wait()."""
-    proc = subprocess.Popen(
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
         list(argv),
         stdin=stdin,
         stdout=stdout,
@@ -202,29 +203,26 @@ def spawn(
         start_new_session=start_new_session,
         preexec_fn=preexec_fn,
     )
+
+
+Spawned = tuple[subprocess.Popen[bytes], asyncio.Future[Exit]]
+
+
+def spawn(argv: Sequence[str], **options: Any) -> Spawned:
+    """Start a child whose exit is delivered by the reaper, never by Popen.wait().  The options
+    are Popen's stdio, env, cwd, pass_fds, start_new_session and preexec_fn."""
+    proc = _popen(argv, **options)
     # Claimed in the same loop iteration as the fork, so the reaper cannot have seen it yet.
     return proc, _claim_popen(proc)
 
 
-async def spawn_off_loop(
-    argv: Sequence[str],
-    *,
-    stdin: int | None = subprocess.DEVNULL,
-    stdout: int | None = subprocess.DEVNULL,
-    stderr: int | None = subprocess.DEVNULL,
-    env: Mapping[str, str] | None = None,
-    cwd: str | None = None,
-    pass_fds: Sequence[int] = (),
-) -> tuple[subprocess.Popen[bytes], asyncio.Future[Exit]]:
+async def spawn_off_loop(argv: Sequence[str], **options: Any) -> Spawned:
     """``spawn``, with the fork and exec on a worker thread.  Popen returns only once the child
     has exec'd, and on a loaded node the child may wait for a CPU first: every runc call would
     stop the shim's loop for that long.  Exits reaped meanwhile are kept (``expecting``), and a
     child whose caller was cancelled during the spawn is killed, not left running."""
     loop = asyncio.get_running_loop()
-    def popen() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(list(argv), stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd,
-                                pass_fds=tuple(pass_fds))  # fmt: skip
-
+    popen = functools.partial(_popen, argv, **options)
     with REAPER.expecting():
         spawning = loop.run_in_executor(None, popen)
         try:

@@ -82,6 +82,13 @@ def second_bundle(base: dict[str, Any], rootfs: Path, where: Path, tid: str) -> 
     return where
 
 
+def first_task(cd: PrivateContainerd, ctr: Ctr) -> tuple[Path, dict[str, Any], str]:
+    """Run task "first" (a standalone shim): its bundle, its spec, its shim's socket."""
+    run_detached(ctr, PODSHIM, "first", "sleep", "600")
+    first = bundle(cd, ctr, "first")
+    return first, json.loads((first / "config.json").read_text()), shim_socket(cd, ctr, "first")
+
+
 def runc_state(ctr: Ctr, tid: str) -> Path:
     return Path("/run/containerd/runc") / ctr.namespace / tid
 
@@ -112,10 +119,8 @@ def assert_nothing_left(ctr: Ctr, tid: str, cgroups_path: str) -> None:
 def test_deadlines_during_create_and_start_leave_nothing_stuck(
     containerd: PrivateContainerd, ctr: Ctr, tmp_path: Path
 ) -> None:
-    run_detached(ctr, PODSHIM, "first", "sleep", "600")
-    first = bundle(containerd, ctr, "first")
-    base = json.loads((first / "config.json").read_text())
-    c = RawClient(shim_socket(containerd, ctr, "first"))
+    first, base, path = first_task(containerd, ctr)
+    c = RawClient(path)
     outcomes: dict[str, collections.Counter[str]] = {k: collections.Counter() for k in ("create", "start")}
     try:
         for i, d in enumerate(DEADLINES):

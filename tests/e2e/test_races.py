@@ -4,15 +4,13 @@ running in it."""
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 from harness.containerd import PrivateContainerd
 from harness.ctr import Ctr
-from harness.runtimes import PODSHIM
-from test_deadlines import RawClient, _any, second_bundle
-from test_robustness import bundle, finish, run_detached, shim_socket
+from test_deadlines import RawClient, _any, first_task, second_bundle
+from test_robustness import finish
 
 from podshim.api import task_pb2
 from podshim.errdefs import Code
@@ -23,10 +21,7 @@ T = task_pb2
 def test_two_concurrent_deletes_one_wins_and_one_task_delete(
     containerd: PrivateContainerd, ctr: Ctr, tmp_path: Path
 ) -> None:
-    run_detached(ctr, PODSHIM, "first", "sleep", "600")
-    first = bundle(containerd, ctr, "first")
-    base = json.loads((first / "config.json").read_text())
-    path = shim_socket(containerd, ctr, "first")
+    first, base, path = first_task(containerd, ctr)
     a, b = RawClient(path), RawClient(path)
     with ctr.events() as events:
         try:
@@ -63,9 +58,8 @@ def _delete(c: RawClient, tid: str, codes: list[int]) -> None:
 def test_an_inits_exit_comes_after_its_execs_exits(containerd: PrivateContainerd, ctr: Ctr) -> None:
     """runc-v2's order, which containerd's CRI relies on: when the init dies and its pid namespace
     takes the execs with it, their TaskExits go out before the init's."""
-    run_detached(ctr, PODSHIM, "first", "sleep", "600")
-    base = json.loads((bundle(containerd, ctr, "first") / "config.json").read_text())
-    c = RawClient(shim_socket(containerd, ctr, "first"))
+    _, base, path = first_task(containerd, ctr)
+    c = RawClient(path)
     spec = _any({"args": ["sleep", "600"], "cwd": "/", "env": base["process"]["env"]})
     with ctr.events() as events:
         try:

@@ -247,11 +247,11 @@ class RuncContainer(Container):
 
     async def create(self) -> None:
         s = self.backend.settings
-        if self.req.rootfs:
-            mounts.mount_all(self.req.rootfs, self.rootfs)
-            self._mounted = True
         pio: ProcessIO | None = None
         try:
+            if self.req.rootfs:
+                self._mounted = True  # before the await: a cancelled Create unmounts what got mounted
+                await mounts.off_loop(mounts.mount_all, self.req.rootfs, self.rootfs)
             pio = await ProcessIO.open(
                 self.req.stdio,
                 container_id=self.id,
@@ -291,7 +291,7 @@ class RuncContainer(Container):
                 await pio.close()
             with contextlib.suppress(Exception):
                 await self.runc.delete(self.id, force=True)
-            self._unmount()
+            await self._unmount()
             raise
 
     def started(self, pid: int) -> None:
@@ -356,11 +356,11 @@ class RuncContainer(Container):
                 raise
         self._deleted = True
         await self.init.close()
-        self._unmount()
+        await self._unmount()
 
-    def _unmount(self) -> None:
+    async def _unmount(self) -> None:
         if self._mounted:
-            mounts.unmount_all(self.rootfs)
+            await mounts.off_loop(mounts.unmount_all, self.rootfs)
             self._mounted = False
 
 
