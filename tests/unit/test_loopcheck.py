@@ -52,3 +52,14 @@ def test_the_harness_sets_and_looks_for_what_the_shim_uses() -> None:
     src = (Path(__file__).parents[1] / "e2e" / "harness" / "containerd.py").read_text()
     assert f'LOOP_CHECK_ENV = "{loopcheck.ENV}"' in src
     assert f'LOOP_BLOCKED_MARK = "{loopcheck.BLOCKED_MARK}"' in src
+
+
+def test_a_short_stall_nobody_saw_is_only_noted() -> None:
+    f = loopcheck._Blocked(0.05)  # no watchdog: no stack was sampled
+    loopcheck._last_wait = loopcheck._last_gc = 0.0
+    rec = logging.LogRecord("asyncio", logging.WARNING, "", 0, "Executing %s took %.3f seconds",
+                            ("<Handle x>", 0.07), None)  # fmt: skip
+    assert f.filter(rec) and rec.levelno == logging.INFO and loopcheck.BLOCKED_MARK not in rec.getMessage()
+    long = logging.LogRecord("asyncio", logging.WARNING, "", 0, "Executing %s took %.3f seconds",
+                             ("<Handle x>", 0.2), None)  # fmt: skip
+    assert f.filter(long) and loopcheck.BLOCKED_MARK in long.getMessage()
