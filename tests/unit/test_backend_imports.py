@@ -34,7 +34,8 @@ SCRIPT = textwrap.dedent(
 BACKENDS = {
     "runc": ("runc.backend", "RuncBackend", "RuncBackend(__import__('podshim.backends.runc.backend', "
              "fromlist=['x']).RuncSettings(), 'ns', lambda cid: None)"),
-    "host": ("host.backend", "HostBackend", "HostBackend('ns', lambda cid: None)"),
+    "host": ("host.backend", "HostBackend", "HostBackend('ns', lambda cid: None, "
+             "__import__('podshim.options', fromlist=['x']).ShimOptions())"),
 }  # fmt: skip
 
 
