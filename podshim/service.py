@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -186,6 +187,11 @@ class TaskService:
         if self.host is None:
             async with self._first_create:
                 if self.host is None:
+                    # The backend's modules, and all it imports late, load now and on a worker
+                    # thread: reading and running them held the loop for 100+ ms (VM pods).
+                    isolation = policy.isolation(opts, req.spec)
+                    if isolation in BACKEND_MODULES:
+                        await asyncio.to_thread(import_backend, isolation)
                     task = await self._create_host(req, opts)
                     return task_pb2.CreateTaskResponse(pid=task.init.pid)
         assert self.host is not None
@@ -328,6 +334,22 @@ class TaskService:
     async def close(self) -> None:
         if self.host is not None:
             await self.host.close()
+
+
+BACKEND_MODULES = {
+    "process": ("podshim.backends.runc.backend", "RuncBackend"),
+    "host": ("podshim.backends.host.backend", "HostBackend"),
+    "vm": ("podshim.backends.vm.backend", "VMBackend"),
+}
+
+
+def import_backend(isolation: str) -> None:
+    """Import an isolation's backend module and everything it imports late (``preload``)."""
+    module, name = BACKEND_MODULES[isolation]
+    backend: type[Backend] = getattr(importlib.import_module(module), name)
+    backend.preload()
+    if isolation == "vm":
+        importlib.import_module("podshim.backends.vm.spec")
 
 
 def _write_options(bundle: str, opts: options.ShimOptions) -> None:
