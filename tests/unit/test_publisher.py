@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,6 @@ class Containerd:
     got: list[str] = field(default_factory=list)
     namespaces: list[str | None] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    server: Server | None = None
 
     async def forward(self, req: Message, ctx: RequestContext) -> Message:
         assert isinstance(req, events_ttrpc_pb2.ForwardRequest)
@@ -57,20 +56,29 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pub, "RETRY_DELAY", 0.001)
 
 
-@pytest.fixture
-async def containerd(tmp_path: Path) -> AsyncIterator[tuple[Containerd, str]]:
+def serve(path: str) -> tuple[Containerd, Callable[[], Awaitable[None]]]:
+    """A stand-in containerd listening on path; returns it and its stop."""
     cd = Containerd()
-    path = str(tmp_path / "ttrpc.sock")
     server = Server({pub.SERVICE: {"Forward": Method(events_ttrpc_pb2.ForwardRequest, cd.forward)}})
-    cd.server = server
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     sock.listen(4)
     sock.setblocking(False)
     serving = asyncio.ensure_future(server.serve(sock))
+
+    async def stop() -> None:
+        await server.close(grace=0.1)
+        await serving
+
+    return cd, stop
+
+
+@pytest.fixture
+async def containerd(tmp_path: Path) -> AsyncIterator[tuple[Containerd, str]]:
+    path = str(tmp_path / "ttrpc.sock")
+    cd, stop = serve(path)
     yield cd, path
-    await server.close(grace=0.1)
-    await serving
+    await stop()
 
 
 def exit_event(i: int) -> events_pb2.TaskExit:
@@ -116,30 +124,16 @@ async def test_it_reconnects_when_containerd_restarts(tmp_path: Path) -> None:
     path = str(tmp_path / "ttrpc.sock")
     p = EventPublisher(path, "ns1")
     p.publish("/tasks/exit", exit_event(0))  # nobody listening yet: retried until someone does
-    cd = Containerd()
-    server = Server({pub.SERVICE: {"Forward": Method(events_ttrpc_pb2.ForwardRequest, cd.forward)}})
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(4)
-    sock.setblocking(False)
-    serving = asyncio.ensure_future(server.serve(sock))
+    cd, stop = serve(path)
     await cd.until(1)
-    await server.close(grace=0.1)  # "containerd restarts": the connection goes
-    await serving
+    await stop()  # "containerd restarts": the connection goes
     os.unlink(path)
-    cd2 = Containerd()
-    server2 = Server({pub.SERVICE: {"Forward": Method(events_ttrpc_pb2.ForwardRequest, cd2.forward)}})
-    sock2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock2.bind(path)
-    sock2.listen(4)
-    sock2.setblocking(False)
-    serving2 = asyncio.ensure_future(server2.serve(sock2))
+    cd2, stop2 = serve(path)
     p.publish("/tasks/exit", exit_event(1))
     await cd2.until(1)
     assert cd2.got == ["/tasks/exit e1"]
     await p.close()
-    await server2.close(grace=0.1)
-    await serving2
+    await stop2()
 
 
 async def test_close_flushes_what_is_queued_within_its_bound(containerd: tuple[Containerd, str]) -> None:

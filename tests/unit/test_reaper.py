@@ -8,7 +8,6 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -113,13 +112,6 @@ def test_the_guest_reaper_drops_a_stale_exit_of_a_reused_pid() -> None:
 
 
 # -- cancellation: Go's exec.CommandContext -------------------------------------------------------
-
-
-@pytest.fixture
-async def installed_reaper() -> AsyncIterator[None]:
-    reaper.REAPER.install(asyncio.get_running_loop())
-    yield
-    reaper.REAPER.uninstall()
 
 
 def _gone(pid: int) -> bool:

@@ -7,7 +7,7 @@ import asyncio
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +17,6 @@ from podshim.system import reaper
 from podshim.system.reaper import Exit
 
 BOUND = 5.0
-
-
-@pytest.fixture
-async def installed_reaper() -> AsyncIterator[None]:
-    reaper.REAPER.install(asyncio.get_running_loop())
-    yield
-    reaper.REAPER.uninstall()
 
 
 def alive(pid: int) -> bool:
