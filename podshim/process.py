@@ -148,6 +148,7 @@ class Exec:
         self.pid = process.pid if self.is_init else 0
         self.exit: ExitInfo | None = None
         self._waiters: list[asyncio.Future[None]] = []
+        self._killing: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
         process.on_exit(self._exited)
 
     @property
@@ -218,7 +219,7 @@ class Exec:
             # A process whose start failed half way (a deadline) may be running, or waiting in
             # runc init: nothing may outlive a failed Start, and its exit is what Wait and Delete
             # then see.
-            asyncio.get_running_loop().create_task(self.kill_quietly(9))
+            self._killing = asyncio.get_running_loop().create_task(self.kill_quietly(9))
 
     async def kill_quietly(self, signal: int) -> None:
         try:
