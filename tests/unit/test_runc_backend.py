@@ -72,7 +72,11 @@ def _children(pid: int) -> list[int]:
 def test_kill_strays_kills_only_the_unknown_newcomer(procs: list[subprocess.Popen[bytes]]) -> None:
     old = subprocess.Popen(["sleep", "100"])  # in the cgroup from before the failed exec
     procs.append(old)
-    time.sleep(0.02)  # a clock tick (10 ms) between "before" and "since"
+    old_start = rb._stat(old.pid)[1]
+    deadline = time.monotonic() + BOUND
+    while rb.boot_ticks() <= old_start:  # the next clock tick: "since" is after it started
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
     since = rb.boot_ticks()
     init = subprocess.Popen(["sh", "-c", "sleep 100 & wait"])
     procs.append(init)
