@@ -29,6 +29,7 @@ from podshim.oci import ContainerType
 from podshim.pod import Pod
 from podshim.process import Exec
 from podshim.standalone import Standalone
+from podshim.system.blocking import off_loop
 from podshim.system.mounts import Mount
 from podshim.system.stdio import StdioConfig
 from podshim.task import Task
@@ -170,7 +171,7 @@ class TaskService:
         ids.check_task_id(r.id)
         if r.checkpoint:
             raise errdefs.NotImplementedErr("restoring from a checkpoint")
-        spec = read_spec(r.bundle)
+        spec = await off_loop(read_spec, r.bundle)
         oci.grouping_key(spec, r.id)  # names the shim's socket and a VM's run dir: checked here too
         opts = options.decode(r.options) if r.HasField("options") else self.start_options
         if opts.problem:
@@ -183,7 +184,7 @@ class TaskService:
             stdio=StdioConfig(r.stdin, r.stdout, r.stderr, r.terminal),
             namespace=self.namespace,
         )
-        _write_options(r.bundle, opts)
+        await off_loop(_write_options, r.bundle, opts)
         if self.host is None:
             async with self._first_create:
                 if self.host is None:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ParamSpec
 
 from podshim import errdefs
-
-P = ParamSpec("P")
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -84,18 +79,6 @@ class Mount:
     source: str
     options: tuple[str, ...] = ()
     target: str = ""
-
-
-async def off_loop(fn: Callable[P, None], *args: P.args, **kwargs: P.kwargs) -> None:
-    """Run a mount or unmount batch on a worker thread: the kernel may take tens of milliseconds
-    over one (an overlay's unmount waits for RCU grace periods), and the shim has one loop.  A
-    cancelled caller still waits for the batch to end, so that its cleanup never races it."""
-    running = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
-    try:
-        await asyncio.shield(running)
-    except asyncio.CancelledError:
-        await asyncio.wait([running])
-        raise
 
 
 def parse_options(options: tuple[str, ...] | list[str]) -> tuple[int, int, str]:

@@ -70,3 +70,30 @@ def test_an_unmount_batch_parses_mountinfo_once(tmp_path: Path, monkeypatch: pyt
     assert parses == 1
     left = [p for p in real() if p == str(root) or p.startswith(f"{root}/")]
     assert left == []
+
+
+async def test_off_loop_keeps_the_loop_running_and_a_cancelled_caller_waits_for_the_call() -> None:
+    import threading
+
+    from podshim.system.blocking import off_loop
+
+    release = threading.Event()
+    finished = threading.Event()
+
+    def slow() -> int:
+        release.wait(BOUND)
+        finished.set()
+        return 7
+
+    calling = asyncio.ensure_future(off_loop(slow))
+    for _ in range(3):
+        await asyncio.sleep(0)  # the loop runs while the call blocks its thread
+    assert not calling.done()
+    calling.cancel()
+    await asyncio.sleep(0)
+    assert not calling.done()  # cancelled, but still waiting for the call to end
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(calling, BOUND)
+    assert finished.is_set()
+    assert await off_loop(lambda: 3) == 3

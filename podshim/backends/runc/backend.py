@@ -17,6 +17,7 @@ from podshim import oci
 from podshim.backends.base import Backend, Container, ContainerRequest, PipedProcess, Process, ProcessGone
 from podshim.backends.runc.runc import Runc, RuncError, read_pid_file
 from podshim.system import cgroups, mounts
+from podshim.system.blocking import off_loop
 from podshim.system.cgroups import Cgroup, OOMWatcher
 from podshim.system.reaper import REAPER, Exit, kill_and_reap
 from podshim.system.stdio import ProcessIO, StdioConfig
@@ -74,6 +75,18 @@ def _remove(pid_file: str) -> None:
     for path in (pid_file, os.path.join(d, "." + name)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _prepare_exec_files(pid_file: str, spec_path: str, spec: dict[str, Any]) -> None:
+    _remove(pid_file)
+    fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(spec, f)
 
 
 async def _kill_half_started(pid_file: str, on_exit: Callable[[Exit], None] = lambda ex: None) -> int:
@@ -175,13 +188,11 @@ class RuncExec(_RuncProcess):
         c = self.container
         assert self.pio is not None
         pid_file = exec_pid_file(c.bundle, self.exec_id)
-        _remove(pid_file)  # only this start's pid file may name a process to kill
         # Exec ids are unique among live execs: the name cannot clash with another start.
         spec_path = os.path.join(c.bundle, f".exec-{self.exec_id}.json")
-        fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # Only this start's pid file may name a process to kill.
+        await off_loop(_prepare_exec_files, pid_file, spec_path, self.spec)
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.spec, f)
             console = self.pio.listen_console() if self.pio.console_socket_path else None
             since = boot_ticks()
             with REAPER.expecting():
@@ -203,10 +214,9 @@ class RuncExec(_RuncProcess):
                 if console is not None:
                     self.pio.attach_console(await console)
                 self.pio.started()
-                self._claim(read_pid_file(pid_file))
+                self._claim(await off_loop(read_pid_file, pid_file))
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(spec_path)
+            await off_loop(_unlink_quietly, spec_path)
         return self.pid
 
     async def kill(self, signal: int) -> None:
@@ -220,8 +230,7 @@ class RuncExec(_RuncProcess):
     async def close(self) -> None:
         self.container.execs.discard(self)
         await super().close()
-        with contextlib.suppress(OSError):
-            os.unlink(exec_pid_file(self.container.bundle, self.exec_id))
+        await off_loop(_unlink_quietly, exec_pid_file(self.container.bundle, self.exec_id))
 
 
 class RuncContainer(Container):
@@ -251,7 +260,7 @@ class RuncContainer(Container):
         try:
             if self.req.rootfs:
                 self._mounted = True  # before the await: a cancelled Create unmounts what got mounted
-                await mounts.off_loop(mounts.mount_all, self.req.rootfs, self.rootfs)
+                await off_loop(mounts.mount_all, self.req.rootfs, self.rootfs)
             pio = await ProcessIO.open(
                 self.req.stdio,
                 container_id=self.id,
@@ -261,7 +270,7 @@ class RuncContainer(Container):
             )
             console = pio.listen_console() if pio.console_socket_path else None
             pid_file = os.path.join(self.bundle, "init.pid")
-            _remove(pid_file)
+            await off_loop(_remove, pid_file)
             with REAPER.expecting():
                 try:
                     await self.runc.create(
@@ -281,7 +290,7 @@ class RuncContainer(Container):
                 if console is not None:
                     pio.attach_console(await console)
                 pio.started()
-                self.init = RuncInit(self, pio, read_pid_file(pid_file))
+                self.init = RuncInit(self, pio, await off_loop(read_pid_file, pid_file))
                 # Stats work from Create on, as with runc-v2 (containerd's client tests ask early).
                 self.cgroup = Cgroup.of_pid(self.init.pid)
         except BaseException:
@@ -360,7 +369,7 @@ class RuncContainer(Container):
 
     async def _unmount(self) -> None:
         if self._mounted:
-            await mounts.off_loop(mounts.unmount_all, self.rootfs)
+            await off_loop(mounts.unmount_all, self.rootfs)
             self._mounted = False
 
 
