@@ -208,6 +208,7 @@ def test_every_request_frame_gets_one_response_and_the_server_keeps_serving(
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(4 * 3600)
 @settings(max_examples=SOAK_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(frames=FRAMES)
 def test_server_dispatch_soak(server: ServerThread, frames: list[tuple[int, int, bytes]]) -> None:

@@ -24,6 +24,7 @@ from podshim.backends.host.launch import Held, LaunchSpec, env_of, rlimits_of, s
 from podshim.backends.host.sandbox import SandboxHolder
 from podshim.options import ShimOptions
 from podshim.system import cgroups, mounts
+from podshim.system.blocking import off_loop
 from podshim.system.cgroups import Cgroup, OOMWatcher
 from podshim.system.stdio import ProcessIO, StdioConfig
 
@@ -137,8 +138,8 @@ class HostContainer(Container):
                 if not os.path.isdir(self.mount_point):
                     os.makedirs(self.mount_point, mode=0o755)
                     self._made_mount_point = True
-                mounts.mount_all(self.req.rootfs, self.mount_point)
-                self._mounted = True
+                self._mounted = True  # before the await: a cancelled Create unmounts what got mounted
+                await off_loop(mounts.mount_all, self.req.rootfs, self.mount_point)
             cgroups.create(self.cgroup)
             resources = (self.req.spec.get("linux") or {}).get("resources") or {}
             cgroups.set_resources(self.cgroup, resources)
@@ -194,7 +195,7 @@ class HostContainer(Container):
         with contextlib.suppress(OSError):  # as before: a cgroup that will not go is left, not fatal
             await cgroups.remove(self.cgroup)
         if self._mounted:
-            mounts.unmount_all(self.mount_point)
+            await off_loop(mounts.unmount_all, self.mount_point)
             self._mounted = False
         if self._made_mount_point:
             with contextlib.suppress(OSError):
