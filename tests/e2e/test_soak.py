@@ -131,5 +131,6 @@ def test_soak_1000_cycles_in_one_pod(containerd: PrivateContainerd, ctr: Ctr, tm
     print(
         f"soak: fds {max(s.fds for s in first)} -> {max(s.fds for s in last)}, "
         f"threads {max(s.threads for s in first)} -> {max(s.threads for s in last)}, "
-        f"RSS {rss[0]} -> {rss[1]} KiB"
+        f"RSS {rss[0]} -> {rss[1]} KiB; RSS by cycle: "
+        + ", ".join(f"{i}: {samples[i - 1].rss_kib}" for i in (100, 250, 500, 750, 1000))
     )
