@@ -1,16 +1,19 @@
 """A debug check, for the test suites: report every callback that blocks the shim's only loop.
 
-With ``PODSHIM_LOOP_BLOCK_MS`` set in the shim's environment (the e2e harness sets it on its
-containerd, whose shims inherit it), the loop runs in asyncio's debug mode and asyncio's
-slow-callback warning ("Executing <callback> took N seconds") fires at that bound.  On a busy
-machine a callback also "takes" the time it waited for a CPU; that part is not the shim's doing,
-so a warning is passed on only when the callback's own time (wall time less the time its thread
-sat runnable on the run queue, from ``/proc/thread-self/schedstat``, and less the garbage
-collector's pauses, which are no call of ours) is over the bound too.  A watchdog thread
-samples the loop thread's stack when a callback runs past the bound, and the report names that
-line; a short stall the watchdog did not see either (under twice the bound) was the whole
-process standing still, and is only noted.  What is reported carries ``BLOCKED_MARK``, which
-the harness looks for in containerd's log.
+With ``PODSHIM_LOOP_BLOCK_MS`` set in the shim's environment (the e2e and CRI harnesses set it on
+their containerd, whose shims inherit it), every callback the loop runs is timed, as asyncio's
+debug mode does for its slow-callback warning ("Executing <callback> took N seconds").  asyncio's
+debug mode itself is not used: it records a stack at every Future, and the ``os.stat`` of each
+source file that costs blocked the loop on a busy disk by itself.
+
+On a busy machine a callback also "takes" the time it waited for a CPU, and the garbage
+collector's pauses; neither is a call of ours, so a callback is reported only when its own time
+(wall time less the time its thread sat runnable on the run queue, from
+``/proc/thread-self/schedstat``, less the collector's pauses) is over the bound.  A watchdog
+thread samples the loop thread's stack when a callback runs past the bound, and the report names
+that line.  A short stall the watchdog did not see either (under twice the bound) was the whole
+process standing still (memory reclaim, a page fault on a busy node), and is only noted.  What
+is reported carries ``BLOCKED_MARK``, which the harnesses look for in containerd's log.
 """
 
 from __future__ import annotations
@@ -29,19 +32,8 @@ from collections.abc import Callable
 ENV = "PODSHIM_LOOP_BLOCK_MS"
 BLOCKED_MARK = "podshim: the event loop was blocked"
 
-_last_wait = 0.0  # run-queue wait, in seconds, during the callback that ran last
-_last_gc = 0.0  # time in the garbage collector during it
-_gc_total = 0.0
-_gc_started = 0.0
-
-
-def _gc_timer(phase: str, info: dict[str, int]) -> None:
-    global _gc_total, _gc_started
-    if phase == "start":
-        _gc_started = time.monotonic()
-    elif _gc_started:
-        _gc_total += time.monotonic() - _gc_started
-        _gc_started = 0.0
+log = logging.getLogger("podshim.loopcheck")
+Verdict = tuple[int, str] | None
 
 
 def _run_queue_wait() -> float:
@@ -63,6 +55,8 @@ class _Watchdog:
         self.seq = 0
         self.stack = ""
         self.stopped = False
+        self.gc_total = 0.0
+        self._gc_started = 0.0
         threading.Thread(target=self._watch, name="loopcheck", daemon=True).start()
 
     def _watch(self) -> None:
@@ -76,50 +70,51 @@ class _Watchdog:
                     self.stack = "".join(traceback.format_stack(frame)[-6:])
                 sampled = seq
 
+    def gc_timer(self, phase: str, info: dict[str, int]) -> None:
+        if threading.get_ident() != self.loop_thread:
+            return
+        if phase == "start":
+            self._gc_started = time.monotonic()
+        elif self._gc_started:
+            self.gc_total += time.monotonic() - self._gc_started
+            self._gc_started = 0.0
+
+
+def verdict(took: float, cpu_wait: float, gc_pause: float, stack: str, bound: float) -> Verdict:
+    """(log level, what to say) about a callback that took ``took`` seconds, or None."""
+    own = took - cpu_wait - gc_pause
+    if took < bound or own < bound:
+        return None  # quick, or it waited for a CPU, or the collector ran: no call of ours blocked
+    if not stack and own < 2 * bound:
+        return logging.INFO, f"loop check: the process stalled for {own:.3f} s (no call of ours seen)"
+    where = f"; it was at: {stack!r}" if stack else ""
+    return logging.WARNING, (f"{BLOCKED_MARK}: a callback took {took:.3f} s, {own:.3f} s of it neither "
+                             f"waiting for a CPU nor collecting garbage{where}")  # fmt: skip
+
+
+def _describe(handle: events.Handle) -> str:
+    callback = getattr(handle, "_callback", None)
+    owner = getattr(callback, "__self__", None)
+    return repr(owner) if isinstance(owner, asyncio.Task) else repr(handle)
+
 
 def _timed_run(run: Callable[[events.Handle], None], dog: _Watchdog) -> Callable[[events.Handle], None]:
     def _run(self: events.Handle) -> None:
-        global _last_wait, _last_gc
-        before = _run_queue_wait()
-        gc_before = _gc_total
+        wait0, gc0 = _run_queue_wait(), dog.gc_total
         dog.seq += 1
         dog.stack = ""
-        dog.started = time.monotonic()
+        t0 = dog.started = time.monotonic()
         try:
             run(self)
         finally:
+            took = time.monotonic() - t0
             dog.started = 0.0
-            _last_wait = _run_queue_wait() - before
-            _last_gc = _gc_total - gc_before
+            if took >= dog.bound:
+                said = verdict(took, _run_queue_wait() - wait0, dog.gc_total - gc0, dog.stack, dog.bound)
+                if said is not None:
+                    log.log(said[0], "%s (executing %s)", said[1], _describe(self))
 
     return _run
-
-
-class _Blocked(logging.Filter):
-    def __init__(self, bound: float, dog: _Watchdog | None = None) -> None:
-        super().__init__()
-        self.bound = bound
-        self.dog = dog
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Executing %s took"):
-            return True
-        args = record.args if isinstance(record.args, tuple) else ()
-        took = args[1] if len(args) > 1 and isinstance(args[1], float) else 0.0
-        own = took - _last_wait - _last_gc
-        if own < self.bound:
-            return False  # it waited for a CPU, or the collector ran: no call of ours blocked
-        stack = self.dog.stack if self.dog is not None else ""
-        if not stack and own < 2 * self.bound:
-            # The watchdog thread did not catch the loop thread past the bound either: the whole
-            # process stood still (memory reclaim, a page fault on a busy node), not a call.
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg = f"loop check: the process stalled: {record.msg}"
-            return True
-        where = f"; it was at: {stack!r}" if stack else ""
-        record.msg = (f"{BLOCKED_MARK}: {record.msg} ({own:.3f} s of it neither waiting for a CPU nor "
-                      f"collecting garbage){where}")  # fmt: skip
-        return True
 
 
 def install_from_env(loop: asyncio.AbstractEventLoop) -> bool:
@@ -127,26 +122,21 @@ def install_from_env(loop: asyncio.AbstractEventLoop) -> bool:
     if not value:
         return False
     install(loop, float(value) / 1000)
-    logging.getLogger("podshim").info("loop check: callbacks over %s ms are reported", value)
+    log.info("loop check: callbacks over %s ms are reported", value)
     return True
 
 
 def install(loop: asyncio.AbstractEventLoop, bound: float) -> Callable[[], None]:
-    """Check ``loop``; returns the undo (for tests: the shim keeps it for life)."""
+    """Check every callback the loops of this thread run; returns the undo (for tests: the
+    shim keeps it for life)."""
     run = events.Handle._run
     dog = _Watchdog(bound)
-    gc.callbacks.append(_gc_timer)
+    gc.callbacks.append(dog.gc_timer)
     setattr(events.Handle, "_run", _timed_run(run, dog))  # noqa: B010 - a debug-only patch
-    loop.set_debug(True)
-    loop.slow_callback_duration = bound
-    check = _Blocked(bound, dog)
-    logging.getLogger("asyncio").addFilter(check)
 
     def undo() -> None:
         dog.stopped = True
-        gc.callbacks.remove(_gc_timer)
+        gc.callbacks.remove(dog.gc_timer)
         setattr(events.Handle, "_run", run)  # noqa: B010
-        loop.set_debug(False)
-        logging.getLogger("asyncio").removeFilter(check)
 
     return undo
