@@ -17,6 +17,7 @@ import collections
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     srv = ServerThread(path)
     srv.start()
     yield srv
+    # Every example closed its connection: the server holds none of them any more.
+    assert srv.server is not None
+    deadline = time.monotonic() + BOUND
+    while srv.server.connection_count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv.server.connection_count == 0
     srv.stop()
 
 
