@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from podshim.guest import agent
+from podshim.guest import reaper as guest_reaper
 from podshim.system import reaper
 from podshim.system.reaper import Exit, Reaper
 
@@ -99,7 +99,7 @@ def test_unclaimed_exits_are_dropped_when_nobody_expects_them() -> None:
 def test_the_guest_reaper_drops_a_stale_exit_of_a_reused_pid() -> None:
     """The guest agent, PID 1, keeps up to 1,024 exits nobody claimed: one of them must not be
     handed to a new process with a recycled pid."""
-    r = agent.Reaper()
+    r = guest_reaper.Reaper()
     got: list[int] = []
     r._unclaimed[os.getpid()] = 137  # a stale exit for a pid that names a live process: ours
     r.claim(os.getpid(), got.append)

@@ -12,8 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from podshim.guest import agent as guest
 from podshim.guest import protocol as P
+from podshim.guest.agent import Agent
+from podshim.guest.channel import Channel
+from podshim.guest.containers import Container, Proc
+from podshim.guest.stdio import Stdio
 
 
 def test_round_trip_json_and_data() -> None:
@@ -121,16 +124,16 @@ _KEEP: list[socket.socket] = []
 
 
 @pytest.fixture
-def agent_host() -> tuple[guest.Agent, Host]:
+def agent_host() -> tuple[Agent, Host]:
     ours, theirs = socket.socketpair()
     _KEEP.extend((ours, theirs))
     ours.settimeout(10)
-    agent = guest.Agent(guest.Channel(os.dup(theirs.fileno())))
+    agent = Agent(Channel(os.dup(theirs.fileno())))
     threading.Thread(target=agent.serve, daemon=True).start()
     return agent, Host(ours)
 
 
-def test_agent_session_requests_and_errors(agent_host: tuple[guest.Agent, Host]) -> None:
+def test_agent_session_requests_and_errors(agent_host: tuple[Agent, Host]) -> None:
     agent, host = agent_host
     # Leftover bytes of an earlier connection come first; the HELLO still gets through.
     host.send(b"\x13garbage" + P.encode(P.DATA, 5, b"old")[:20])
@@ -153,13 +156,13 @@ def test_agent_session_requests_and_errors(agent_host: tuple[guest.Agent, Host])
     assert P.decode_json(host.next(P.RESPONSE).payload)["error"] == "failed_precondition"
 
 
-def test_agent_snapshot_carries_exits_across_sessions(agent_host: tuple[guest.Agent, Host]) -> None:
+def test_agent_snapshot_carries_exits_across_sessions(agent_host: tuple[Agent, Host]) -> None:
     """An exit that happened with no host connected is in the next session's HELLO answer."""
     agent, host = agent_host
     host.send(P.encode_json(P.HELLO, 0, {"session": 1}))
     host.next(P.HELLO)
-    c = guest.Container(agent, "c1", "/b")
-    c.init = guest.Proc(c, "", guest.Stdio.__new__(guest.Stdio))
+    c = Container(agent, "c1", "/b")
+    c.init = Proc(c, "", Stdio.__new__(Stdio))
     c.init.pid = 42
     agent.containers["c1"] = c
     agent.process_exited(c.init, 137)
@@ -172,7 +175,7 @@ def test_agent_snapshot_carries_exits_across_sessions(agent_host: tuple[guest.Ag
     assert hello["processes"] == [{"id": "c1", "exec_id": "", "pid": 42, "exited": True, "status": 137}]
 
 
-def test_agent_stdin_stream_is_acknowledged(agent_host: tuple[guest.Agent, Host]) -> None:
+def test_agent_stdin_stream_is_acknowledged(agent_host: tuple[Agent, Host]) -> None:
     agent, host = agent_host
     r, w = os.pipe()
     agent.add_stream("in", 9, w)
@@ -185,7 +188,7 @@ def test_agent_stdin_stream_is_acknowledged(agent_host: tuple[guest.Agent, Host]
     os.close(r)
 
 
-def test_agent_output_stream_respects_the_window(agent_host: tuple[guest.Agent, Host]) -> None:
+def test_agent_output_stream_respects_the_window(agent_host: tuple[Agent, Host]) -> None:
     agent, host = agent_host
     r, w = os.pipe()
     agent.add_stream("out", 3, r)

@@ -1,0 +1,200 @@
+"""Each process's stdio as DATA streams: pipes, or the pty runc hands back."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from podshim.guest import protocol as P
+from podshim.guest.errors import AgentError
+from podshim.guest.fds import _close
+from podshim.guest.paths import STATE
+
+if TYPE_CHECKING:
+    from podshim.guest.agent import Agent
+
+
+class OutStream:
+    """A process's output: read its pipe (or pty) and send DATA frames within the window."""
+
+    def __init__(self, agent: Agent, sid: int, fd: int) -> None:
+        self.agent, self.sid, self.fd = agent, sid, fd
+        self._cond = threading.Condition()
+        self._unacked = 0
+        self.done = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name=f"out-{self.sid}", daemon=True).start()
+
+    def ack(self, n: int) -> None:
+        with self._cond:
+            self._unacked = max(0, self._unacked - n)
+            self._cond.notify_all()
+
+    def reset_window(self) -> None:
+        self.ack(P.WINDOW)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self._unacked >= P.WINDOW:
+                        self._cond.wait()
+                    room = P.WINDOW - self._unacked  # the host cuts off a stream that overruns it
+                try:
+                    data = os.read(self.fd, min(P.DATA_CHUNK, room))
+                except OSError:
+                    data = b""  # EIO: the pty's last slave closed
+                if not data:
+                    break
+                with self._cond:
+                    self._unacked += len(data)
+                self.agent.chan.send(P.encode(P.DATA, self.sid, data))
+            self.agent.chan.send(P.encode(P.DATA, self.sid, b"", P.FLAG_EOF))
+        finally:
+            _close(self.fd)
+            self.done.set()
+            self.agent.forget_stream(self.sid)
+
+
+class InStream:
+    """A process's stdin: DATA frames from the host, written by a thread of its own so that a
+    container that does not read its stdin blocks only this stream."""
+
+    def __init__(self, agent: Agent, sid: int, fd: int) -> None:
+        self.agent, self.sid, self.fd = agent, sid, fd
+        self._queue: collections.deque[tuple[bytes, bool]] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name=f"in-{self.sid}", daemon=True).start()
+
+    def push(self, data: bytes, eof: bool) -> None:
+        with self._cond:
+            self._queue.append((data, eof))
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.push(b"", True)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue:
+                        self._cond.wait()
+                    data, eof = self._queue.popleft()
+                view = memoryview(data)
+                while view:
+                    try:
+                        n = os.write(self.fd, view)
+                    except InterruptedError:
+                        continue
+                    except OSError:
+                        return  # the reader is gone for good
+                    view = view[n:]
+                if data:
+                    self.agent.chan.send(P.encode_ack(self.sid, len(data)))
+                if eof:
+                    return
+        finally:
+            _close(self.fd)
+            self.agent.forget_stream(self.sid)
+
+
+_console_ids = itertools.count(1)
+
+
+class Stdio:
+    """The agent's side of one process's stdio, and the child's ends for runc."""
+
+    def __init__(self, agent: Agent, spec: dict[str, Any], name: str) -> None:
+        self.agent = agent
+        self.stdin_sid = int(spec.get("stdin") or 0)
+        self.stdout_sid = int(spec.get("stdout") or 0)
+        self.stderr_sid = int(spec.get("stderr") or 0)
+        self.terminal = bool(spec.get("terminal"))
+        self.child: dict[int, int] = {}
+        self._parent: list[tuple[str, int, int]] = []  # (direction, sid, fd)
+        self.console_path = ""
+        self._console: socket.socket | None = None
+        self.master = -1
+        if self.terminal:
+            # Numbered, not named: container ids alone can exceed sun_path's 108 bytes.
+            self.console_path = os.path.join(STATE, f"console-{next(_console_ids)}.sock")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.console_path)
+            self._console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._console.bind(self.console_path)
+            self._console.listen(1)
+            self._console.settimeout(30)
+            return
+        if self.stdin_sid:
+            r, w = os.pipe()
+            self.child[0] = r
+            self._parent.append(("in", self.stdin_sid, w))
+        if self.stdout_sid:
+            r, w = os.pipe()
+            self.child[1] = w
+            self._parent.append(("out", self.stdout_sid, r))
+        if self.stderr_sid:
+            if self.stderr_sid == self.stdout_sid:
+                self.child[2] = self.child[1]
+            else:
+                r, w = os.pipe()
+                self.child[2] = w
+                self._parent.append(("out", self.stderr_sid, r))
+
+    def runc_args(self) -> list[str]:
+        return ["--console-socket", self.console_path] if self.terminal else []
+
+    def receive_console(self) -> None:
+        """After runc create/exec returned: take the pty master runc sent to the console socket."""
+        assert self._console is not None
+        try:
+            conn, _ = self._console.accept()
+            with conn:
+                _msg, fds, _flags, _addr = socket.recv_fds(conn, 4096, 1)
+        finally:
+            self._console.close()
+            self._console = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.console_path)
+        if not fds:
+            raise AgentError("runc sent no console master")
+        self.master = fds[0]
+        if self.stdin_sid:
+            self._parent.append(("in", self.stdin_sid, os.dup(self.master)))
+        if self.stdout_sid:
+            self._parent.append(("out", self.stdout_sid, os.dup(self.master)))
+
+    def started(self) -> None:
+        """The process holds its ends: close ours and start copying."""
+        _close(*set(self.child.values()))
+        self.child.clear()
+        for direction, sid, fd in self._parent:
+            self.agent.add_stream(direction, sid, fd)
+        self._parent.clear()
+
+    def resize(self, width: int, height: int) -> None:
+        if self.master >= 0:
+            import fcntl
+            import struct
+            import termios
+
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+    def close(self) -> None:
+        _close(*set(self.child.values()), *(fd for _, _, fd in self._parent), self.master)
+        self.child.clear()
+        self._parent.clear()
+        self.master = -1
+        if self._console is not None:
+            self._console.close()
+            self._console = None
