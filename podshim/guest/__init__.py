@@ -1,2 +1,83 @@
 """The guest side of a pod VM.  Standard library only: it runs on the guest's python3, which is
-the host's ``/usr/bin/python3`` over a read-only 9p export, without podshim's dependencies."""
+the host's ``/usr/bin/python3`` over a read-only 9p export, without podshim's dependencies.
+
+The agent shares each mechanism with the shim (the reaper, runc's command line, the cgroup
+readers, the stdio pumps, the OOM watch): those live in ``podshim.system`` modules that import
+nothing outside the standard library.  :data:`MODULES` names every podshim module the agent
+imports; :func:`stage` lays them out for the guest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+MODULES = (
+    "podshim.guest",
+    "podshim.guest.agent",
+    "podshim.guest.channel",
+    "podshim.guest.containers",
+    "podshim.guest.errors",
+    "podshim.guest.log",
+    "podshim.guest.paths",
+    "podshim.guest.protocol",
+    "podshim.guest.reaper",
+    "podshim.guest.runc",
+    "podshim.guest.stdio",
+    "podshim.system",
+    "podshim.system.children",
+    "podshim.system.fds",
+    "podshim.system.runc_command",
+)
+"""Every podshim module the guest agent imports (``tests/unit/test_guest_modules.py`` holds
+this list to the agent's real import graph, and to the standard library for everything else)."""
+
+SHARED_DIR = "system"
+"""Where :func:`stage` puts the ``podshim.system`` modules, inside the agent's export."""
+
+
+def _source(module: str) -> str:
+    """The file of a module of the podshim package, found without importing it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parts = module.split(".")[1:]
+    base = os.path.join(root, *parts)
+    return os.path.join(base, "__init__.py") if os.path.isdir(base) else base + ".py"
+
+
+def stage(dest: str) -> None:
+    """Copy :data:`MODULES` into ``dest``, the directory exported to the guest as the agent.
+
+    The image's ``/init`` mounts that export at ``podshim/guest`` (on an empty ``podshim``
+    package), so the guest package's modules go at the top of ``dest`` and the shared
+    ``podshim.system`` ones into ``dest/system``, where :func:`_find_shared` looks for them.
+    A copy, not the package itself: the guest then gets exactly the modules it needs, and one
+    version of them for the VM's life, whatever happens to the installed package meanwhile."""
+    os.makedirs(os.path.join(dest, SHARED_DIR), exist_ok=True)
+    for module in MODULES:
+        parts = module.split(".")
+        src = _source(module)
+        if parts[1] == "guest":
+            rel = [*parts[2:-1], os.path.basename(src)] if len(parts) > 2 else ["__init__.py"]
+        else:
+            rel = (
+                [SHARED_DIR, *parts[2:-1], os.path.basename(src)]
+                if len(parts) > 2
+                else [SHARED_DIR, "__init__.py"]
+            )
+        shutil.copyfile(src, os.path.join(dest, *rel))
+
+
+def _find_shared() -> None:
+    """In a guest, ``podshim`` is an empty package with this one mounted in it, and the shared
+    modules are staged inside this one (:func:`stage`): let ``podshim.system`` be found there.
+    On the host (and in an image that holds the whole tree) ``podshim/system`` exists and this
+    does nothing."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isdir(os.path.join(os.path.dirname(here), SHARED_DIR)):
+        return
+    if os.path.isdir(os.path.join(here, SHARED_DIR)):
+        sys.modules["podshim"].__path__.append(here)
+
+
+_find_shared()

@@ -37,6 +37,7 @@ from podshim.guest.paths import RUNC_ROOT, STATE
 from podshim.guest.reaper import REAPER, run
 from podshim.guest.runc import RuncError, runc
 from podshim.guest.stdio import InStream, OutStream, Stdio
+from podshim.system import runc_command as cmd
 
 RECONNECT_POLL = 0.02
 
@@ -180,17 +181,18 @@ class Agent:
         stdio = Stdio(self, req.get("stdio") or {}, cid)
         pid_file = os.path.join(STATE, f"{cid}.pid")
         try:
-            args = ["create", "--bundle", bundle, "--pid-file", pid_file, *stdio.runc_args(), cid]
-            runc(cid, *args, fds=stdio.child)
-            if stdio.terminal:
-                stdio.receive_console()
-            c.init = Proc(c, "", stdio)
-            c.init.claim(_read_pid(pid_file))
+            console = stdio.console_path or None
+            with REAPER.expecting():  # the init may exit before its pid is read
+                runc(cid, *cmd.create_args(cid, bundle, pid_file, console_socket=console), fds=stdio.child)
+                if stdio.terminal:
+                    stdio.receive_console()
+                c.init = Proc(c, "", stdio)
+                c.init.claim(cmd.read_pid_file(pid_file))
             stdio.started()
         except BaseException:
             stdio.close()
             with contextlib.suppress(AgentError):
-                runc(cid, "delete", "--force", cid)
+                runc(cid, *cmd.delete_args(cid, force=True))
             with self._lock:
                 self._creating.discard(cid)
             raise
@@ -221,12 +223,12 @@ class Agent:
         proc = Proc(c, eid, stdio)
         c.execs[eid] = proc
         try:
-            args = ["exec", "--process", spec_path, "--detach", "--pid-file", pid_file, *stdio.runc_args()]
-            args.append(c.id)
-            runc(c.id, *args, fds=stdio.child)
-            if stdio.terminal:
-                stdio.receive_console()
-            proc.claim(_read_pid(pid_file))
+            console = stdio.console_path or None
+            with REAPER.expecting():
+                runc(c.id, *cmd.exec_args(c.id, spec_path, pid_file, console_socket=console), fds=stdio.child)
+                if stdio.terminal:
+                    stdio.receive_console()
+                proc.claim(cmd.read_pid_file(pid_file))
             stdio.started()
         except BaseException:
             stdio.close()
@@ -245,9 +247,9 @@ class Agent:
         if req.get("all"):
             c = self._container(str(req["id"]))
             try:
-                runc(c.id, "kill", "--all", c.id, str(sig))
+                runc(c.id, *cmd.kill_args(c.id, sig, all=True))
             except RuncError as e:
-                if "not running" not in str(e) and "does not exist" not in str(e):
+                if not cmd.is_gone(str(e)):
                     raise
             return {}
         p = self._proc(req)
@@ -260,9 +262,9 @@ class Agent:
                 raise FailedPrecondition("process already finished") from None
             return {}
         try:
-            runc(p.container.id, "kill", p.container.id, str(sig))
+            runc(p.container.id, *cmd.kill_args(p.container.id, sig))
         except RuncError as e:
-            if p.status is not None or "not running" in str(e) or "does not exist" in str(e):
+            if p.status is not None or cmd.is_gone(str(e)):
                 raise FailedPrecondition("process already finished") from e
             raise
         return {}
@@ -282,9 +284,9 @@ class Agent:
             return {}
         c.stop_oom()
         try:
-            runc(cid, "delete", "--force", cid)
+            runc(cid, *cmd.delete_args(cid, force=True))
         except RuncError as e:
-            if "does not exist" not in str(e):
+            if not cmd.is_missing(str(e)):
                 raise
         for p in c.processes():
             self._release(p)
@@ -317,7 +319,7 @@ class Agent:
         with open(path, "w") as f:
             json.dump(req.get("resources") or {}, f)
         try:
-            runc(c.id, "update", "--resources", path, c.id)
+            runc(c.id, *cmd.update_args(c.id, path))
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -325,8 +327,7 @@ class Agent:
 
     def op_pids(self, req: dict[str, Any]) -> dict[str, Any]:
         c = self._container(str(req["id"]))
-        out = runc(c.id, "ps", "--format", "json", c.id, capture=True)
-        return {"pids": [int(p) for p in json.loads(out or b"[]") or []]}
+        return {"pids": cmd.parse_ps(runc(c.id, *cmd.ps_args(c.id), capture=True))}
 
     def op_stats(self, req: dict[str, Any]) -> dict[str, Any]:
         c = self._container(str(req["id"]))
@@ -389,11 +390,6 @@ def _read(path: str) -> str:
             return f.read()
     except OSError:
         return ""
-
-
-def _read_pid(path: str) -> int:
-    with open(path) as f:
-        return int(f.read().strip())
 
 
 def main() -> None:

@@ -8,10 +8,11 @@ import select
 import threading
 from typing import TYPE_CHECKING, Any
 
-from podshim.guest.fds import _close
 from podshim.guest.paths import CGROUP_ROOT
 from podshim.guest.reaper import REAPER
 from podshim.guest.stdio import Stdio
+from podshim.system.children import Exit
+from podshim.system.fds import close_fds
 
 if TYPE_CHECKING:
     from podshim.guest.agent import Agent
@@ -38,8 +39,8 @@ class Proc:
         self.pid = pid
         REAPER.claim(pid, self._exited)
 
-    def _exited(self, status: int) -> None:
-        self.container.agent.process_exited(self, status)
+    def _exited(self, ex: Exit) -> None:
+        self.container.agent.process_exited(self, ex.status)
 
 
 class Container:
@@ -93,12 +94,12 @@ class Container:
             except OSError:
                 return
             finally:
-                _close(fd, stop_r)
+                close_fds(fd, stop_r)
 
         threading.Thread(target=loop, name=f"oom-{self.id}", daemon=True).start()
 
     def stop_oom(self) -> None:
-        _close(self._oom_stop)
+        close_fds(self._oom_stop)
         self._oom_stop = -1
 
     def processes(self) -> list[Proc]:

@@ -1,110 +1,56 @@
-"""The agent's one reaper: being PID 1, the agent reaps every orphan; one reaper thread owns
-``wait4(-1)`` and nothing else waits for a child, so no exit status is lost to a racing
-``waitpid``."""
+"""The agent's reaper: :class:`podshim.system.children.Reaper`, the shim's own, run by a thread.
+
+Being PID 1, the agent reaps every orphan.  The thread blocks in ``waitid(WNOWAIT)`` until some
+child has exited, without collecting it, then lets the shared reaper collect and route every
+exit; nothing else waits for a child, so no status is lost to a racing ``waitpid``.
+"""
 
 from __future__ import annotations
 
-import collections
 import os
 import threading
 import traceback
 from collections.abc import Callable
 
-from podshim.guest.fds import _close
 from podshim.guest.log import log
 from podshim.guest.paths import ENV
-
-UNCLAIMED_KEEP = 1024
-
-
-def exit_code(wait_status: int) -> int:
-    if os.WIFSIGNALED(wait_status):
-        return 128 + os.WTERMSIG(wait_status)
-    return os.waitstatus_to_exitcode(wait_status)
+from podshim.system import children
+from podshim.system.children import Exit
+from podshim.system.fds import close_fds
 
 
-def _names_a_process(pid: int) -> bool:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    os.close(fd)
-    return True
-
-
-class Reaper:
-    """The only waiter: reaps every child and orphan, hands each status to whoever claimed it."""
-
+class Reaper(children.Reaper):
     def __init__(self) -> None:
-        self._lock = threading.Condition()
-        self._claims: dict[int, Callable[[int], None]] = {}
-        # Exits that came before their claim (a container that dies while runc create runs).
-        self._unclaimed: collections.OrderedDict[int, int] = collections.OrderedDict()
+        super().__init__()
+        self._children = threading.Condition()
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="reaper", daemon=True).start()
 
-    def spawn(self, argv: list[str], fds: dict[int, int]) -> int:
-        """posix_spawn with exactly ``fds`` (child fd -> ours) and /dev/null for missing 0-2."""
-        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            actions = [(os.POSIX_SPAWN_DUP2, fds.get(i, devnull), i) for i in (0, 1, 2)]
-            actions += [(os.POSIX_SPAWN_DUP2, ours, theirs) for theirs, ours in fds.items() if theirs > 2]
-            pid = os.posix_spawn(argv[0], argv, ENV, file_actions=actions)
-        finally:
-            os.close(devnull)
-        with self._lock:
-            self._lock.notify_all()
+    def spawn(self, argv: list[str], fds: dict[int, int], on_exit: Callable[[Exit], None]) -> int:
+        """posix_spawn with exactly ``fds`` (child fd -> ours); ``on_exit`` gets its exit."""
+        # The reaper thread may collect the child before the claim: keep its exit till then.
+        with self.expecting():
+            pid = children.spawn_with_fds(argv, fds, ENV)
+            self.claim(pid, on_exit)
+        with self._children:
+            self._children.notify_all()
         return pid
-
-    def claim(self, pid: int, callback: Callable[[int], None]) -> None:
-        with self._lock:
-            status = self._unclaimed.pop(pid, None)
-            if status is not None and _names_a_process(pid):
-                # A former holder's exit: a pid is reused only after its zombie is reaped, so a
-                # pid that names a process now names the one being claimed.
-                status = None
-            if status is None:
-                self._claims[pid] = callback
-                return
-        callback(status)
-
-    def wait(self, pid: int) -> int:
-        done = threading.Event()
-        result: list[int] = []
-
-        def got(status: int) -> None:
-            result.append(status)
-            done.set()
-
-        self.claim(pid, got)
-        done.wait()
-        return result[0]
 
     def _run(self) -> None:
         while True:
             try:
-                pid, status, _ = os.wait4(-1, 0)
+                os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
             except ChildProcessError:
-                with self._lock:
-                    self._lock.wait(0.5)
+                with self._children:
+                    self._children.wait(0.5)
                 continue
             except InterruptedError:
                 continue
-            code = exit_code(status)
-            with self._lock:
-                cb = self._claims.pop(pid, None)
-                if cb is None:
-                    self._unclaimed[pid] = code
-                    while len(self._unclaimed) > UNCLAIMED_KEEP:
-                        self._unclaimed.popitem(last=False)
-            if cb is not None:
-                try:
-                    cb(code)
-                except Exception:
-                    log(f"exit callback for {pid} failed:\n{traceback.format_exc()}")
+            try:
+                self.reap()
+            except Exception:
+                log(f"reaping failed:\n{traceback.format_exc()}")
 
 
 REAPER = Reaper()
@@ -117,15 +63,23 @@ def run(argv: list[str], fds: dict[int, int] | None = None, capture: bool = Fals
     if capture:
         r, w = os.pipe()
         fds[1] = w
+    done = threading.Event()
+    result: list[Exit] = []
+
+    def got(ex: Exit) -> None:
+        result.append(ex)
+        done.set()
+
     try:
-        pid = REAPER.spawn(argv, fds)
+        REAPER.spawn(argv, fds, got)
     finally:
-        _close(w)
+        close_fds(w)
     out = b""
     if capture:
         chunks = []
         while chunk := os.read(r, 65536):
             chunks.append(chunk)
-        _close(r)
+        close_fds(r)
         out = b"".join(chunks)
-    return REAPER.wait(pid), out
+    done.wait()
+    return result[0].status, out

@@ -1,38 +1,27 @@
-"""runc in the guest: ``runc --root /run/runc``, run through the agent's reaper."""
+"""runc in the guest: :mod:`podshim.system.runc_command` with ``--root /run/runc``, run
+through the agent's reaper."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 
 from podshim.guest.errors import AgentError
 from podshim.guest.paths import RUNC, RUNC_ROOT, STATE
 from podshim.guest.reaper import run
+from podshim.system.runc_command import RuncCommand
 
 
 class RuncError(AgentError):
     pass
 
 
+def command(cid: str) -> RuncCommand:
+    return RuncCommand(RUNC, RUNC_ROOT, os.path.join(STATE, f"{cid}.runc.log"))
+
+
 def runc(cid: str, *args: str, fds: dict[int, int] | None = None, capture: bool = False) -> bytes:
-    logfile = os.path.join(STATE, f"{cid}.runc.log")
-    argv = [RUNC, "--root", RUNC_ROOT, "--log", logfile, "--log-format", "json", *args]
-    status, out = run(argv, fds, capture)
+    cmd = command(cid)
+    status, out = run(cmd.argv(*args), fds, capture)
     if status != 0:
-        raise RuncError(f"runc {args[0]} failed: {_last_runc_error(logfile) or f'exit status {status}'}")
+        raise RuncError(cmd.error_message(args[0], status))
     return out
-
-
-def _last_runc_error(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return ""
-    for line in reversed(lines):
-        with contextlib.suppress(ValueError, AttributeError):
-            entry = json.loads(line)
-            if entry.get("level") == "error":
-                return str(entry.get("msg", ""))
-    return ""

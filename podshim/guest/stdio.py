@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from podshim.guest import protocol as P
 from podshim.guest.errors import AgentError
-from podshim.guest.fds import _close
 from podshim.guest.paths import STATE
+from podshim.system.fds import close_fds
 
 if TYPE_CHECKING:
     from podshim.guest.agent import Agent
@@ -57,7 +57,7 @@ class OutStream:
                 self.agent.chan.send(P.encode(P.DATA, self.sid, data))
             self.agent.chan.send(P.encode(P.DATA, self.sid, b"", P.FLAG_EOF))
         finally:
-            _close(self.fd)
+            close_fds(self.fd)
             self.done.set()
             self.agent.forget_stream(self.sid)
 
@@ -104,7 +104,7 @@ class InStream:
                 if eof:
                     return
         finally:
-            _close(self.fd)
+            close_fds(self.fd)
             self.agent.forget_stream(self.sid)
 
 
@@ -151,9 +151,6 @@ class Stdio:
                 self.child[2] = w
                 self._parent.append(("out", self.stderr_sid, r))
 
-    def runc_args(self) -> list[str]:
-        return ["--console-socket", self.console_path] if self.terminal else []
-
     def receive_console(self) -> None:
         """After runc create/exec returned: take the pty master runc sent to the console socket."""
         assert self._console is not None
@@ -176,7 +173,7 @@ class Stdio:
 
     def started(self) -> None:
         """The process holds its ends: close ours and start copying."""
-        _close(*set(self.child.values()))
+        close_fds(*set(self.child.values()))
         self.child.clear()
         for direction, sid, fd in self._parent:
             self.agent.add_stream(direction, sid, fd)
@@ -191,7 +188,7 @@ class Stdio:
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
     def close(self) -> None:
-        _close(*set(self.child.values()), *(fd for _, _, fd in self._parent), self.master)
+        close_fds(*set(self.child.values()), *(fd for _, _, fd in self._parent), self.master)
         self.child.clear()
         self._parent.clear()
         self.master = -1

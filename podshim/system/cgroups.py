@@ -359,8 +359,6 @@ class OOMWatcher:
         return stop
 
 
-
-
 # -- cgroups the shim makes itself (host-process containers) ----------------------------------
 
 _V1_OWN = ("memory", "cpu", "cpuacct", "pids", "freezer", "blkio")

@@ -16,10 +16,15 @@ import functools
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from podshim.system import children
+from podshim.system.children import Exit as Exit
+from podshim.system.children import ExitCallback as ExitCallback
+from podshim.system.children import PidfdOpenFn, WaitFn
+from podshim.system.children import exit_code as exit_code
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -30,53 +35,12 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def exit_code(wait_status: int) -> int:
-    """Exit code as containerd reports it: a death by signal N is 128 + N."""
-    if os.WIFSIGNALED(wait_status):
-        return 128 + os.WTERMSIG(wait_status)
-    return os.waitstatus_to_exitcode(wait_status)
+class Reaper(children.Reaper):
+    """The shared reaper, run by the event loop's SIGCHLD handler."""
 
-
-@dataclass(frozen=True)
-class Exit:
-    pid: int
-    status: int
-    at: float  # time.time() when reaped: what containerd stores as exited_at
-
-
-ExitCallback = Callable[[Exit], None]
-
-
-WaitFn = Callable[[int, int], tuple[int, int, object]]
-PidfdOpenFn = Callable[[int], int]
-
-
-def _names_a_process(pidfd_open: PidfdOpenFn, pid: int) -> bool:
-    """Whether ``pid`` names a process right now (running, or a zombie nobody reaped yet).
-
-    A pidfd refers to the process the pid names at the moment it is opened, so unlike
-    ``kill(pid, 0)`` this cannot be fooled into a yes by something that is not a process."""
-    try:
-        fd = pidfd_open(pid)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # EINVAL (not a thread-group leader) and the like: something lives there
-    os.close(fd)
-    return True
-
-
-class Reaper:
     def __init__(self, wait4: WaitFn = os.wait4, pidfd_open: PidfdOpenFn = os.pidfd_open) -> None:
-        self._wait4 = wait4
-        self._pidfd_open = pidfd_open
-        self._claims: dict[int, ExitCallback] = {}
-        # Exits of pids nobody has claimed yet, kept only while a claim may still come
-        # (a container that exits before its pid file is read).
-        self._unclaimed: dict[int, Exit] = {}
-        self._expecting = 0
+        super().__init__(wait4, pidfd_open)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.observers: list[ExitCallback] = []
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -87,33 +51,6 @@ class Reaper:
             self._loop.remove_signal_handler(signal.SIGCHLD)
             self._loop = None
 
-    @contextlib.contextmanager
-    def expecting(self) -> Iterator[None]:
-        """Keep unclaimed exits while the caller learns a pid (runc create/exec, pid files)."""
-        self._expecting += 1
-        try:
-            yield
-        finally:
-            self._expecting -= 1
-            if self._expecting == 0:
-                self._unclaimed.clear()
-
-    def claim(self, pid: int, callback: ExitCallback) -> None:
-        """Route pid's exit to callback, also one reaped earlier while ``expecting``.
-
-        An exit kept for pid may be a former holder's: a process of ours that exited, was
-        reaped, and whose pid the kernel then gave to the process being claimed now.  A pid is
-        only reused once its zombie is reaped, so while pid still names a process, that
-        process is the one being claimed and the kept exit is stale."""
-        early = self._unclaimed.pop(pid, None)
-        if early is not None and not _names_a_process(self._pidfd_open, pid):
-            callback(early)
-            return
-        self._claims[pid] = callback
-
-    def unclaim(self, pid: int) -> None:
-        self._claims.pop(pid, None)
-
     def claim_future(self, pid: int) -> asyncio.Future[Exit]:
         fut: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
 
@@ -123,23 +60,6 @@ class Reaper:
 
         self.claim(pid, done)
         return fut
-
-    def reap(self) -> None:
-        while True:
-            try:
-                pid, status, _ = self._wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            ex = Exit(pid, exit_code(status), time.time())
-            cb = self._claims.pop(pid, None)
-            if cb is not None:
-                cb(ex)
-            elif self._expecting:
-                self._unclaimed[pid] = ex
-            for obs in self.observers:
-                obs(ex)
 
 
 REAPER = Reaper()
@@ -268,15 +188,8 @@ async def kill_and_reap(pid: int, exited: asyncio.Future[Exit], timeout: float =
 def spawn_with_fds(
     argv: Sequence[str], fds: Mapping[int, int], env: Mapping[str, str] | None = None
 ) -> tuple[int, asyncio.Future[Exit]]:
-    """Start a child with exactly the descriptors in ``fds`` (child fd -> our fd), plus /dev/null
-    for any of 0-2 not given.  Everything of ours is close-on-exec, so nothing else leaks."""
-    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        actions = [(os.POSIX_SPAWN_DUP2, fds.get(i, devnull), i) for i in (0, 1, 2)]
-        actions += [(os.POSIX_SPAWN_DUP2, ours, theirs) for theirs, ours in fds.items() if theirs > 2]
-        pid = os.posix_spawn(argv[0], list(argv), dict(env or {}), file_actions=actions)
-    finally:
-        os.close(devnull)
+    """:func:`children.spawn_with_fds`, its exit claimed in the same loop iteration."""
+    pid = children.spawn_with_fds(argv, fds, env)
     return pid, REAPER.claim_future(pid)
 
 

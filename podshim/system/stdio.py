@@ -399,5 +399,3 @@ class ProcessIO:
                     os.kill(self._logger_pid, signal.SIGKILL)
                 await self._logger_exit
         self._logger_pid = 0
-
-

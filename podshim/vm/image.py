@@ -11,8 +11,9 @@ about 2.3 s of in-guest xz decompression and the real-mode setup code.
 The initramfs is a newc cpio holding static busybox, the modules the guest needs (virtio, 9p,
 overlay, net: all modules in Debian's kernel), and ``/init`` (:data:`INIT_SCRIPT`).  It is left
 uncompressed because decompressing it under TCG costs more than reading 4 MB.  The guest agent
-is not in it: it comes over a read-only 9p export of the installed ``podshim.guest`` package, so
-upgrading podshim never needs a new image.
+is not in it: it comes over a read-only 9p export of the modules it needs
+(:data:`podshim.guest.MODULES`, staged by :func:`podshim.guest.stage`), so upgrading podshim
+never needs a new image.
 """
 
 from __future__ import annotations

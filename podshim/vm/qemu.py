@@ -7,9 +7,9 @@ Devices:
 * a virtio-serial port named ``podshim.agent`` on a unix-socket chardev: the agent channel
   (the only transport this build has; AF_VSOCK would slot in beside it on hosts with
   vhost-vsock, which the machines we test on lack);
-* three 9p exports: the host's ``/usr`` read-only (the guest's whole userland), the installed
-  ``podshim.guest`` package read-only (the agent), and the pod's rw share, into which the
-  backend bind-mounts each container's rootfs and mounts;
+* three 9p exports: the host's ``/usr`` read-only (the guest's whole userland), the agent's
+  modules read-only (:data:`podshim.guest.MODULES`, staged in the run dir), and the pod's rw
+  share, into which the backend bind-mounts each container's rootfs and mounts;
 * optionally a virtio-net device on a tap in the pod's network namespace.
 
 qemu runs as our child through the shim's reaper, with ``PR_SET_PDEATHSIG`` so that even a
@@ -31,8 +31,9 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from podshim import guest
 from podshim.system import mounts, reaper
 from podshim.vm import image as vmimage
 from podshim.vm.console import ConsoleLog
@@ -131,10 +132,14 @@ class VMConfig:
     kernel: str
     initrd: str
     run_dir: str
-    agent_dir: str = field(default_factory=lambda: os.path.dirname(os.path.abspath(_guest_package())))
+    agent_dir: str = ""  # the agent's export; by default staged in the run dir (guest.stage)
     netns: str = ""
     tap: Tap | None = None
     faults: bool = False
+
+    @property
+    def agent_export(self) -> str:
+        return self.agent_dir or os.path.join(self.run_dir, "agent")
 
     @property
     def agent_socket(self) -> str:
@@ -147,12 +152,6 @@ class VMConfig:
     @property
     def console_log(self) -> str:
         return os.path.join(self.run_dir, "console.log")
-
-
-def _guest_package() -> str:
-    from podshim.guest import agent
-
-    return agent.__file__
 
 
 def kernel_cmdline(accel: Accel, tsc_khz: int, faults: bool = False) -> str:
@@ -207,7 +206,7 @@ def qemu_argv(cfg: VMConfig, accel: Accel, tsc_khz: int) -> list[str]:
         "-append", kernel_cmdline(accel, tsc_khz, cfg.faults),
         "-fsdev", "local,id=usr,path=/usr,security_model=none,readonly=on,multidevs=forbid",
         "-device", f"virtio-9p-device,fsdev=usr,mount_tag={vmimage.TAG_USR}",
-        "-fsdev", f"local,id=agent,path={cfg.agent_dir},security_model=none,readonly=on,multidevs=forbid",
+        "-fsdev", f"local,id=agent,path={cfg.agent_export},security_model=none,readonly=on,multidevs=forbid",
         "-device", f"virtio-9p-device,fsdev=agent,mount_tag={vmimage.TAG_AGENT}",
         # remap: the share holds bind mounts of other filesystems (rootfs overlays, files).
         "-fsdev", f"local,id=shared,path={cfg.shared_dir},security_model=none,multidevs=remap",
@@ -335,6 +334,8 @@ class QemuVM:
     def spawn(self) -> None:
         cfg = self.cfg
         os.makedirs(cfg.shared_dir, exist_ok=True)
+        if not cfg.agent_dir:
+            guest.stage(cfg.agent_export)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(cfg.agent_socket)
         argv = qemu_argv(cfg, self.accel, host_tsc_khz() if self.accel.name == "tcg" else 0)

@@ -15,11 +15,12 @@ from typing import Any
 
 from podshim import oci
 from podshim.backends.base import Backend, Container, ContainerRequest, PipedProcess, Process, ProcessGone
-from podshim.backends.runc.runc import Runc, RuncError, read_pid_file
-from podshim.system import cgroups, mounts
+from podshim.backends.runc.runc import Runc, RuncError
+from podshim.system import cgroups, mounts, runc_command
 from podshim.system.blocking import off_loop
 from podshim.system.cgroups import Cgroup, OOMWatcher
 from podshim.system.reaper import REAPER, Exit, kill_and_reap
+from podshim.system.runc_command import read_pid_file
 from podshim.system.stdio import ProcessIO, StdioConfig
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,6 @@ class _RuncProcess(PipedProcess):
     def _claim(self, pid: int) -> None:
         self.pid = pid
         REAPER.claim(pid, self.exited)
-
 
     async def close(self) -> None:
         if self.pid and self._exit is None:
@@ -335,7 +335,7 @@ class RuncContainer(Container):
         try:
             await self.runc.kill(self.id, signal, all=True)
         except RuncError as e:
-            if "does not exist" in str(e) or "not running" in str(e):
+            if runc_command.is_gone(str(e)):
                 return  # runc kill --all on a stopped container succeeds (spec §7.2)
             raise
 
@@ -361,7 +361,7 @@ class RuncContainer(Container):
         try:
             await self.runc.delete(self.id)
         except RuncError as e:
-            if "does not exist" not in str(e):
+            if not runc_command.is_missing(str(e)):
                 raise
         self._deleted = True
         await self.init.close()

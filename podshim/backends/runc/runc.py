@@ -1,4 +1,4 @@
-"""A thin wrapper over the runc command line, run through the shim's reaper."""
+"""runc's command line (:mod:`podshim.system.runc_command`), run through the shim's reaper."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from podshim import errdefs
 from podshim.system import reaper
+from podshim.system import runc_command as cmd
+from podshim.system.runc_command import read_pid_file as read_pid_file
 
 
 class RuncError(errdefs.ShimError):
@@ -22,37 +24,15 @@ class Runc:
     log: str
     systemd_cgroup: bool = False
 
-    def _argv(self, *args: str) -> list[str]:
-        argv = [self.binary, "--root", self.root, "--log", self.log, "--log-format", "json"]
-        if self.systemd_cgroup:
-            argv.append("--systemd-cgroup")
-        argv.extend(args)
-        return argv
-
-    def _last_error(self) -> str:
-        try:
-            with open(self.log, "rb") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            return ""
-        for line in reversed(lines):
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("level") == "error":
-                return str(entry.get("msg", ""))
-        return ""
+    @property
+    def command(self) -> cmd.RuncCommand:
+        return cmd.RuncCommand(self.binary, self.root, self.log, self.systemd_cgroup)
 
     def _error(self, verb: str, status: int, stderr: str) -> RuncError:
-        msg = self._last_error() or stderr or f"exit status {status}"
-        if verb in ("create", "exec", "start", "run"):
-            # The wording containerd users know from runc-v2.
-            return RuncError(f"OCI runtime {verb} failed: {msg}")
-        return RuncError(f"runc {verb} failed: {msg}")
+        return RuncError(self.command.error_message(verb, status, stderr))
 
     async def _run(self, *args: str, input: bytes | None = None, pass_fds: Sequence[int] = ()) -> bytes:
-        res = await reaper.run(self._argv(*args), input=input, pass_fds=pass_fds)
+        res = await reaper.run(self.command.argv(*args), input=input, pass_fds=pass_fds)
         if res.returncode != 0:
             raise self._error(args[0], res.returncode, res.stderr.decode(errors="replace").strip())
         return res.stdout
@@ -68,14 +48,15 @@ class Runc:
         no_new_keyring: bool = False,
         stdio_fds: tuple[int, int, int] | None = None,
     ) -> None:
-        args = ["create", "--bundle", bundle, "--pid-file", pid_file]
-        if console_socket:
-            args += ["--console-socket", console_socket]
-        if no_pivot:
-            args.append("--no-pivot")
-        if no_new_keyring:
-            args.append("--no-new-keyring")
-        await self._run_with_stdio([*args, cid], stdio_fds)
+        args = cmd.create_args(
+            cid,
+            bundle,
+            pid_file,
+            console_socket=console_socket,
+            no_pivot=no_pivot,
+            no_new_keyring=no_new_keyring,
+        )
+        await self._run_with_stdio(args, stdio_fds)
 
     async def exec(
         self,
@@ -86,19 +67,19 @@ class Runc:
         console_socket: str | None = None,
         stdio_fds: tuple[int, int, int] | None = None,
     ) -> None:
-        args = ["exec", "--process", process_json, "--detach", "--pid-file", pid_file]
-        if console_socket:
-            args += ["--console-socket", console_socket]
-        await self._run_with_stdio([*args, cid], stdio_fds)
+        await self._run_with_stdio(
+            cmd.exec_args(cid, process_json, pid_file, console_socket=console_socket), stdio_fds
+        )
 
     async def _run_with_stdio(self, args: list[str], stdio_fds: tuple[int, int, int] | None) -> None:
         """runc hands its own stdio to the container process, so it gets the container's pipes, or
         /dev/null: pipes of ours would be held open by the container and never reach EOF."""
+        argv = self.command.argv(*args)
         if stdio_fds is None:
-            proc, exited = await reaper.spawn_off_loop(self._argv(*args))
+            proc, exited = await reaper.spawn_off_loop(argv)
         else:
             proc, exited = await reaper.spawn_off_loop(
-                self._argv(*args), stdin=stdio_fds[0], stdout=stdio_fds[1], stderr=stdio_fds[2]
+                argv, stdin=stdio_fds[0], stdout=stdio_fds[1], stderr=stdio_fds[2]
             )
         ex = await reaper.wait_or_kill(proc.pid, exited)
         if ex.status != 0:
@@ -108,11 +89,10 @@ class Runc:
         await self._run("start", cid)
 
     async def kill(self, cid: str, signal: int, all: bool = False) -> None:
-        args = ["kill"] + (["--all"] if all else []) + [cid, str(signal)]
-        await self._run(*args)
+        await self._run(*cmd.kill_args(cid, signal, all))
 
     async def delete(self, cid: str, force: bool = False) -> None:
-        await self._run(*(["delete"] + (["--force"] if force else []) + [cid]))
+        await self._run(*cmd.delete_args(cid, force))
 
     async def pause(self, cid: str) -> None:
         await self._run("pause", cid)
@@ -121,23 +101,16 @@ class Runc:
         await self._run("resume", cid)
 
     async def update(self, cid: str, resources_json: bytes) -> None:
-        await self._run("update", "--resources", "-", cid, input=resources_json)
+        await self._run(*cmd.update_args(cid, "-"), input=resources_json)
 
     async def ps(self, cid: str) -> list[int]:
-        out = await self._run("ps", "--format", "json", cid)
-        pids = json.loads(out or b"[]")
-        return [int(p) for p in pids or []]
+        return cmd.parse_ps(await self._run(*cmd.ps_args(cid)))
 
     async def state(self, cid: str) -> dict[str, object]:
         out = await self._run("state", cid)
         data = json.loads(out)
         assert isinstance(data, dict)
         return data
-
-
-def read_pid_file(path: str) -> int:
-    with open(path) as f:
-        return int(f.read().strip())
 
 
 def default_root(namespace: str, override: str = "") -> str:

@@ -356,10 +356,8 @@ def _add_vm_usage(metrics: dict[str, Any], backend: VMBackend) -> None:
 
 class VMBackend(Backend):
     name = "vm"
-    # Stats decoding, the pod network (only VM pods pay for pyroute2), the guest package's path.
-    lazy_modules = (
-        "google.protobuf.json_format", "podshim.api.cgroups_v2_pb2", "pyroute2", "podshim.guest.agent",
-    )  # fmt: skip
+    # Stats decoding, the pod network (only VM pods pay for pyroute2).
+    lazy_modules = ("google.protobuf.json_format", "podshim.api.cgroups_v2_pb2", "pyroute2")
 
     def __init__(
         self,

@@ -1,0 +1,78 @@
+"""The guest agent's modules: what it imports is exactly :data:`podshim.guest.MODULES` plus the
+standard library, in the layout the guest really has (an empty ``podshim`` package with the
+staged export mounted at ``podshim/guest``), on a python with no site-packages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from podshim import guest
+
+# /init runs the agent with the host's system python, not our venv's.
+PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+PROBE = """
+import json, sys
+import podshim.guest.agent
+from podshim.guest import reaper as guest_reaper
+from podshim.system import children
+ours = sorted(m for m in sys.modules if m == "podshim" or m.startswith("podshim."))
+std = set(sys.stdlib_module_names) | {"__main__"}
+other = sorted({m.split(".")[0] for m in sys.modules} - std - {"podshim"})
+print(json.dumps({"ours": ours, "other": other, "shared": issubclass(guest_reaper.Reaper, children.Reaper),
+                  "system": sys.modules["podshim.system.children"].__file__}))
+"""
+
+
+def _guest_tree(tmp_path: Path) -> Path:
+    """What /init builds: <root>/podshim/__init__.py empty, the export mounted at podshim/guest."""
+    root = tmp_path / "agent"
+    (root / "podshim").mkdir(parents=True)
+    (root / "podshim" / "__init__.py").write_text("")
+    guest.stage(str(root / "podshim" / "guest"))
+    return root
+
+
+def test_the_agent_imports_only_its_listed_modules_and_the_standard_library(tmp_path: Path) -> None:
+    root = _guest_tree(tmp_path)
+    res = subprocess.run(
+        [PYTHON, "-S", "-I", "-c", f"import sys; sys.path.insert(0, {str(root)!r}); {PROBE}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    seen = json.loads(res.stdout)
+    assert seen["other"] == [], "the guest has no site-packages"
+    assert set(seen["ours"]) == {"podshim", *guest.MODULES}
+    assert seen["shared"]
+    assert seen["system"].startswith(str(root / "podshim" / "guest" / guest.SHARED_DIR))
+
+
+def test_the_shared_modules_import_nothing_but_the_standard_library() -> None:
+    """Each ``podshim.system`` module the guest uses, imported alone from the source tree."""
+    repo = Path(__file__).resolve().parents[2]
+    for module in (m for m in guest.MODULES if m.startswith("podshim.system.")):
+        code = (
+            f"import sys; sys.path.insert(0, {str(repo)!r}); import {module}; "
+            "std = set(sys.stdlib_module_names) | {'__main__'}; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} - std))"
+        )
+        res = subprocess.run([PYTHON, "-S", "-I", "-c", code], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == "['podshim']", (module, res.stdout)
+
+
+def test_staging_copies_and_nothing_else(tmp_path: Path) -> None:
+    dest = tmp_path / "export"
+    guest.stage(str(dest))
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert len(files) == len(guest.MODULES)
+    assert "agent.py" in files and f"{guest.SHARED_DIR}/children.py" in files
+    shutil.rmtree(dest)
