@@ -26,6 +26,7 @@ MODULES = (
     "podshim.guest.runc",
     "podshim.guest.stdio",
     "podshim.system",
+    "podshim.system.cgroupfs",
     "podshim.system.children",
     "podshim.system.fds",
     "podshim.system.runc_command",

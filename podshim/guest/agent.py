@@ -30,7 +30,7 @@ from typing import Any
 
 from podshim.guest import protocol as P
 from podshim.guest.channel import Channel, find_port
-from podshim.guest.containers import Container, Proc, cgroup_v2_metrics, vm_stats
+from podshim.guest.containers import Container, Proc, vm_stats
 from podshim.guest.errors import AgentError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from podshim.guest.log import log
 from podshim.guest.paths import RUNC_ROOT, STATE
@@ -38,6 +38,7 @@ from podshim.guest.reaper import REAPER, run
 from podshim.guest.runc import RuncError, runc
 from podshim.guest.stdio import InStream, OutStream, Stdio
 from podshim.system import runc_command as cmd
+from podshim.system.cgroupfs import v2_metrics
 
 RECONNECT_POLL = 0.02
 
@@ -331,9 +332,9 @@ class Agent:
 
     def op_stats(self, req: dict[str, Any]) -> dict[str, Any]:
         c = self._container(str(req["id"]))
-        if not c.cgroup or not os.path.isdir(c.cgroup):
+        if c.cgroup is None or not c.cgroup.v2 or not c.cgroup.exists():
             raise NotFound(f"cgroup of {c.id} does not exist")
-        return {"metrics": cgroup_v2_metrics(c.cgroup), "vm": vm_stats()}
+        return {"metrics": v2_metrics(c.cgroup), "vm": vm_stats()}
 
     def op_vm_stats(self, req: dict[str, Any]) -> dict[str, Any]:
         return vm_stats()

@@ -5,5 +5,4 @@ from __future__ import annotations
 RUNC = "/usr/sbin/runc"
 RUNC_ROOT = "/run/runc"
 STATE = "/run/podshim/agent-state"
-CGROUP_ROOT = "/sys/fs/cgroup"
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}

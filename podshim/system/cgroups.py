@@ -1,242 +1,22 @@
-"""A container's cgroup: where it is, its metrics (spec §5.6) and its OOM kills (spec §5.5).
-
-On a hybrid host (cgroup v1 controllers beside an empty v2 tree, like this machine kind) the
-v1 controllers are authoritative.  A pure v2 host has ``cgroup.controllers`` at the root.
+"""The shim's cgroups: metrics encoded as containerd decodes them (spec §5.6), OOM kills
+watched from the event loop (spec §5.5), and the cgroups it makes itself for host-process
+containers.  The reading is :mod:`podshim.system.cgroupfs`, which the guest agent shares.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from podshim import errdefs
-
-CGROUP_ROOT = "/sys/fs/cgroup"
-
-
-def unified_host() -> bool:
-    return os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers"))
-
-
-@dataclass(frozen=True)
-class Cgroup:
-    """Absolute cgroup directories of one process: per v1 controller, or one v2 directory."""
-
-    v1: dict[str, str]
-    v2: str | None
-
-    @classmethod
-    def of_pid(cls, pid: int) -> Cgroup | None:
-        try:
-            with open(f"/proc/{pid}/cgroup") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            return None
-        v1: dict[str, str] = {}
-        v2: str | None = None
-        for line in lines:
-            _, controllers, path = line.split(":", 2)
-            if not controllers:
-                if unified_host():
-                    v2 = os.path.join(CGROUP_ROOT, path.lstrip("/"))
-                continue
-            for c in controllers.split(","):
-                c = c.removeprefix("name=")
-                base = os.path.join(CGROUP_ROOT, c)
-                if os.path.isdir(base):
-                    v1[c] = os.path.join(base, path.lstrip("/"))
-        return cls(v1, v2)
-
-    @property
-    def memory_dir(self) -> str | None:
-        return self.v2 or self.v1.get("memory")
-
-    def exists(self) -> bool:
-        d = self.v2 or self.v1.get("memory") or self.v1.get("pids")
-        return d is not None and os.path.isdir(d)
-
-    def pids(self) -> list[int]:
-        d = self.v2 or self.v1.get("pids") or self.v1.get("memory")
-        if d is None:
-            return []
-        try:
-            with open(os.path.join(d, "cgroup.procs")) as f:
-                return [int(x) for x in f.read().split()]
-        except OSError:
-            return []
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def _int(path: str) -> int:
-    text = _read(path).strip()
-    if not text or text == "max":
-        return 0
-    try:
-        return int(text.split()[0])
-    except ValueError:
-        return 0
-
-
-def _kv(path: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for line in _read(path).splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-            out[parts[0]] = int(parts[1])
-    return out
-
-
-_V1_MEMORY_STAT = [
-    "cache", "rss", "rss_huge", "mapped_file", "dirty", "writeback", "pgpgin", "pgpgout", "pgfault",
-    "pgmajfault", "inactive_anon", "active_anon", "inactive_file", "active_file", "unevictable",
-    "hierarchical_memory_limit", "hierarchical_memsw_limit",
-]  # fmt: skip
-_V1_PROTO_NAMES = {
-    "pgpgin": "pg_pg_in", "pgpgout": "pg_pg_out", "pgfault": "pg_fault", "pgmajfault": "pg_maj_fault",
-    "hierarchical_memsw_limit": "hierarchical_swap_limit",
-}  # fmt: skip
-
-
-def v1_metrics(cg: Cgroup) -> dict[str, Any]:
-    """io.containerd.cgroups.v1.Metrics as a dict of proto field names."""
-    m: dict[str, Any] = {}
-    if d := cg.v1.get("pids"):
-        m["pids"] = {"current": _int(f"{d}/pids.current"), "limit": _int(f"{d}/pids.max")}
-    cpu: dict[str, Any] = {}
-    if d := cg.v1.get("cpuacct"):
-        stat = _kv(f"{d}/cpuacct.stat")
-        tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-        cpu["usage"] = {
-            "total": _int(f"{d}/cpuacct.usage"),
-            "kernel": stat.get("system", 0) * tick_ns,
-            "user": stat.get("user", 0) * tick_ns,
-            "per_cpu": [int(x) for x in _read(f"{d}/cpuacct.usage_percpu").split()],
-        }
-    if d := cg.v1.get("cpu"):
-        t = _kv(f"{d}/cpu.stat")
-        cpu["throttling"] = {
-            "periods": t.get("nr_periods", 0),
-            "throttled_periods": t.get("nr_throttled", 0),
-            "throttled_time": t.get("throttled_time", 0),
-        }
-    if cpu:
-        m["cpu"] = cpu
-    if d := cg.v1.get("memory"):
-        stat = _kv(f"{d}/memory.stat")
-        mem: dict[str, Any] = {}
-        for key in _V1_MEMORY_STAT:
-            name = _V1_PROTO_NAMES.get(key, key)
-            mem[name] = stat.get(key, 0)
-            if not key.startswith("hierarchical"):  # the kernel has no total_ form of these
-                mem["total_" + name] = stat.get("total_" + key, 0)
-
-        def usage(prefix: str) -> dict[str, int]:
-            return {
-                "limit": _int(f"{d}/{prefix}.limit_in_bytes"),
-                "usage": _int(f"{d}/{prefix}.usage_in_bytes"),
-                "max": _int(f"{d}/{prefix}.max_usage_in_bytes"),
-                "failcnt": _int(f"{d}/{prefix}.failcnt"),
-            }
-
-        mem["usage"] = usage("memory")
-        mem["swap"] = usage("memory.memsw")
-        mem["kernel"] = usage("memory.kmem")
-        mem["kernel_tcp"] = usage("memory.kmem.tcp")
-        m["memory"] = mem
-        oom = _kv(f"{d}/memory.oom_control")
-        m["memory_oom_control"] = {
-            "oom_kill_disable": oom.get("oom_kill_disable", 0),
-            "under_oom": oom.get("under_oom", 0),
-            "oom_kill": oom.get("oom_kill", 0),
-        }
-    if d := cg.v1.get("blkio"):
-        m["blkio"] = _v1_blkio(d)
-    return m
-
-
-_BLKIO_FILES = {
-    "io_service_bytes_recursive": "io_service_bytes_recursive",
-    "io_serviced_recursive": "io_serviced_recursive",
-    "io_queued_recursive": "io_queued_recursive",
-    "io_service_time_recursive": "io_service_time_recursive",
-    "io_wait_time_recursive": "io_wait_time_recursive",
-    "io_merged_recursive": "io_merged_recursive",
-    "io_time_recursive": "time_recursive",
-    "sectors_recursive": "sectors_recursive",
-}
-
-
-def _v1_blkio(d: str) -> dict[str, Any]:
-    """Like containerd/cgroups: the CFQ/BFQ files when they have data, else the throttle ones."""
-    out: dict[str, Any] = {}
-    prefix = "blkio."
-    if not _read(f"{d}/blkio.io_serviced_recursive").strip():
-        prefix = "blkio.throttle."
-    for field_name, fname in _BLKIO_FILES.items():
-        entries = []
-        for line in _read(f"{d}/{prefix}{fname}").splitlines():
-            parts = line.split()
-            if len(parts) < 2 or ":" not in parts[0]:
-                continue
-            major, minor = parts[0].split(":", 1)
-            op, value = (parts[1], parts[2]) if len(parts) >= 3 else ("", parts[1])
-            if not value.isdigit():
-                continue
-            entries.append({"op": op, "major": int(major), "minor": int(minor), "value": int(value)})
-        if entries:
-            out[field_name] = entries
-    return out
-
-
-def v2_metrics(cg: Cgroup) -> dict[str, Any]:
-    d = cg.v2
-    assert d is not None
-    cpu = _kv(f"{d}/cpu.stat")
-    mem = _kv(f"{d}/memory.stat")
-    events = _kv(f"{d}/memory.events")
-    memory: dict[str, Any] = {
-        k: mem.get(k, 0)
-        for k in (
-            "anon", "file", "kernel_stack", "slab", "sock", "shmem", "file_mapped", "file_dirty",
-            "file_writeback", "anon_thp", "inactive_anon", "active_anon", "inactive_file", "active_file",
-            "unevictable", "slab_reclaimable", "slab_unreclaimable", "pgfault", "pgmajfault",
-            "workingset_refault", "workingset_activate", "workingset_nodereclaim", "pgrefill", "pgscan",
-            "pgsteal", "pgactivate", "pgdeactivate", "pglazyfree", "pglazyfreed", "thp_fault_alloc",
-            "thp_collapse_alloc",
-        )
-    }  # fmt: skip
-    memory.update(
-        usage=_int(f"{d}/memory.current"),
-        usage_limit=_int(f"{d}/memory.max"),
-        swap_usage=_int(f"{d}/memory.swap.current"),
-        swap_limit=_int(f"{d}/memory.swap.max"),
-    )
-    return {
-        "pids": {"current": _int(f"{d}/pids.current"), "limit": _int(f"{d}/pids.max")},
-        "cpu": {
-            "usage_usec": cpu.get("usage_usec", 0),
-            "user_usec": cpu.get("user_usec", 0),
-            "system_usec": cpu.get("system_usec", 0),
-            "nr_periods": cpu.get("nr_periods", 0),
-            "nr_throttled": cpu.get("nr_throttled", 0),
-            "throttled_usec": cpu.get("throttled_usec", 0),
-        },
-        "memory": memory,
-        "memory_events": {k: events.get(k, 0) for k in ("low", "high", "max", "oom", "oom_kill")},
-    }
-
+from podshim.system.cgroupfs import CGROUP_ROOT as CGROUP_ROOT
+from podshim.system.cgroupfs import Cgroup as Cgroup
+from podshim.system.cgroupfs import OOMWatch
+from podshim.system.cgroupfs import unified_host as unified_host
+from podshim.system.cgroupfs import v1_metrics as v1_metrics
+from podshim.system.cgroupfs import v2_metrics as v2_metrics
 
 V1_METRICS_URL = "io.containerd.cgroups.v1.Metrics"
 V2_METRICS_URL = "io.containerd.cgroups.v2.Metrics"
@@ -260,103 +40,43 @@ def metrics(cg: Cgroup | None) -> tuple[str, bytes]:
 
 # -- OOM ------------------------------------------------------------------------------------
 
-_IN_MODIFY = 0x2
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 class OOMWatcher:
     """Calls back with a container id each time the kernel OOM-kills inside its cgroup."""
 
     def __init__(self, on_oom: Callable[[str], None]) -> None:
         self._on_oom = on_oom
-        self._watches: dict[str, Callable[[], None]] = {}
+        self._watches: dict[str, tuple[OOMWatch, asyncio.AbstractEventLoop]] = {}
 
     def add(self, container_id: str, cg: Cgroup) -> None:
         if container_id in self._watches:
             return
         try:
-            if cg.v2:
-                self._watches[container_id] = self._watch_v2(container_id, cg.v2)
-            elif mem := cg.v1.get("memory"):
-                self._watches[container_id] = self._watch_v1(container_id, mem)
+            watch = OOMWatch(cg)
         except OSError:
-            pass  # no memory controller here: no OOM events, as with runc-v2
+            return  # no memory controller here: no OOM events, as with runc-v2
+        loop = asyncio.get_running_loop()
+        self._watches[container_id] = (watch, loop)
+
+        def ready() -> None:
+            oom = watch.check()
+            if oom is None:
+                self.remove(container_id)
+            elif oom:
+                self._on_oom(container_id)
+
+        loop.add_reader(watch.fd, ready)
 
     def remove(self, container_id: str) -> None:
-        stop = self._watches.pop(container_id, None)
-        if stop:
-            stop()
+        entry = self._watches.pop(container_id, None)
+        if entry is not None:
+            watch, loop = entry
+            loop.remove_reader(watch.fd)
+            watch.close()
 
     def close(self) -> None:
         for cid in list(self._watches):
             self.remove(cid)
-
-    def _watch_v1(self, cid: str, memdir: str) -> Callable[[], None]:
-        loop = asyncio.get_running_loop()
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        ctl = os.open(f"{memdir}/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            with open(f"{memdir}/cgroup.event_control", "w") as f:
-                f.write(f"{efd} {ctl}")
-        except OSError:
-            os.close(efd)
-            os.close(ctl)
-            raise
-
-        def ready() -> None:
-            try:
-                os.eventfd_read(efd)
-            except BlockingIOError:
-                return
-            except OSError:
-                stop()
-                return
-            if not os.path.isdir(memdir):
-                # The kernel also signals the eventfd when the cgroup is removed.
-                stop()
-                return
-            self._on_oom(cid)
-
-        def stop() -> None:
-            loop.remove_reader(efd)
-            for fd in (efd, ctl):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self._watches.pop(cid, None)
-
-        loop.add_reader(efd, ready)
-        return stop
-
-    def _watch_v2(self, cid: str, d: str) -> Callable[[], None]:
-        loop = asyncio.get_running_loop()
-        fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
-        if _libc.inotify_add_watch(fd, f"{d}/memory.events".encode(), _IN_MODIFY) < 0:
-            os.close(fd)
-            raise OSError(ctypes.get_errno(), "inotify_add_watch")
-        last = _kv(f"{d}/memory.events").get("oom_kill", 0)
-
-        def ready() -> None:
-            nonlocal last
-            with contextlib.suppress(BlockingIOError):
-                os.read(fd, 4096)
-            if not os.path.isdir(d):
-                stop()
-                return
-            now = _kv(f"{d}/memory.events").get("oom_kill", 0)
-            if now > last:
-                last = now
-                self._on_oom(cid)
-
-        def stop() -> None:
-            loop.remove_reader(fd)
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            self._watches.pop(cid, None)
-
-        loop.add_reader(fd, ready)
-        return stop
 
 
 # -- cgroups the shim makes itself (host-process containers) ----------------------------------
