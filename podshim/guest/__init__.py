@@ -29,6 +29,7 @@ MODULES = (
     "podshim.system.cgroupfs",
     "podshim.system.children",
     "podshim.system.fds",
+    "podshim.system.pump",
     "podshim.system.runc_command",
 )
 """Every podshim module the guest agent imports (``tests/unit/test_guest_modules.py`` holds

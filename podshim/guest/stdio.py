@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from podshim.guest import protocol as P
 from podshim.guest.errors import AgentError
 from podshim.guest.paths import STATE
+from podshim.system import pump
 from podshim.system.fds import close_fds
 
 if TYPE_CHECKING:
@@ -20,42 +21,28 @@ if TYPE_CHECKING:
 
 
 class OutStream:
-    """A process's output: read its pipe (or pty) and send DATA frames within the window."""
+    """A process's output: its pipe (or pty) as DATA frames within the window (shared pump)."""
 
     def __init__(self, agent: Agent, sid: int, fd: int) -> None:
         self.agent, self.sid, self.fd = agent, sid, fd
-        self._cond = threading.Condition()
-        self._unacked = 0
+        self.window = pump.Window(P.WINDOW)
         self.done = threading.Event()
 
     def start(self) -> None:
         threading.Thread(target=self._run, name=f"out-{self.sid}", daemon=True).start()
 
     def ack(self, n: int) -> None:
-        with self._cond:
-            self._unacked = max(0, self._unacked - n)
-            self._cond.notify_all()
+        self.window.ack(n)
 
     def reset_window(self) -> None:
-        self.ack(P.WINDOW)
+        self.window.reset()
+
+    def _send(self, data: bytes, eof: bool) -> None:
+        self.agent.chan.send(P.encode(P.DATA, self.sid, data, P.FLAG_EOF if eof else 0))
 
     def _run(self) -> None:
         try:
-            while True:
-                with self._cond:
-                    while self._unacked >= P.WINDOW:
-                        self._cond.wait()
-                    room = P.WINDOW - self._unacked  # the host cuts off a stream that overruns it
-                try:
-                    data = os.read(self.fd, min(P.DATA_CHUNK, room))
-                except OSError:
-                    data = b""  # EIO: the pty's last slave closed
-                if not data:
-                    break
-                with self._cond:
-                    self._unacked += len(data)
-                self.agent.chan.send(P.encode(P.DATA, self.sid, data))
-            self.agent.chan.send(P.encode(P.DATA, self.sid, b"", P.FLAG_EOF))
+            pump.drive_blocking(pump.send_stream(self.fd, self.window, self._send, P.DATA_CHUNK), self.window)
         finally:
             close_fds(self.fd)
             self.done.set()
@@ -64,13 +51,12 @@ class OutStream:
 
 class InStream:
     """A process's stdin: DATA frames from the host, written by a thread of its own so that a
-    container that does not read its stdin blocks only this stream."""
+    container that does not read its stdin blocks only this stream (shared pump)."""
 
     def __init__(self, agent: Agent, sid: int, fd: int) -> None:
         self.agent, self.sid, self.fd = agent, sid, fd
         self._queue: collections.deque[tuple[bytes, bool]] = collections.deque()
         self._cond = threading.Condition()
-        self._closed = False
 
     def start(self) -> None:
         threading.Thread(target=self._run, name=f"in-{self.sid}", daemon=True).start()
@@ -84,21 +70,14 @@ class InStream:
         self.push(b"", True)
 
     def _run(self) -> None:
+        sink = pump.Sink(self.fd)
         try:
             while True:
                 with self._cond:
                     while not self._queue:
                         self._cond.wait()
                     data, eof = self._queue.popleft()
-                view = memoryview(data)
-                while view:
-                    try:
-                        n = os.write(self.fd, view)
-                    except InterruptedError:
-                        continue
-                    except OSError:
-                        return  # the reader is gone for good
-                    view = view[n:]
+                pump.drive_blocking(sink.write(data))
                 if data:
                     self.agent.chan.send(P.encode_ack(self.sid, len(data)))
                 if eof:

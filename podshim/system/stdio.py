@@ -19,11 +19,12 @@ import socket
 import struct
 import termios
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from podshim import errdefs
-from podshim.system import reaper
+from podshim.system import pump, reaper
+from podshim.system.fds import close_fds
 
 LOGGER_KILL_AFTER = 12.0
 # Delete waits for output copies while they make progress, as long as they do (up to a limit):
@@ -66,32 +67,24 @@ async def writable(fd: int) -> None:
         loop.remove_writer(fd)
 
 
-async def pump(src: int, dst: int, progress: Callable[[], None] | None = None) -> None:
+async def drive(steps: pump.Steps, credit: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run a copy of :mod:`podshim.system.pump` on the event loop: its fds non-blocking, a wait
+    for one of them or for stream credit awaited here."""
+    for wait in steps:
+        if wait.kind == pump.READ:
+            await readable(wait.fd)
+        elif wait.kind == pump.WRITE:
+            await writable(wait.fd)
+        else:
+            assert credit is not None
+            await credit()
+
+
+async def copy(src: int, dst: int, progress: Callable[[], None] | None = None) -> None:
     """Copy src to dst until EOF (or EIO: a pty whose last slave closed)."""
     os.set_blocking(src, False)
     os.set_blocking(dst, False)
-    while True:
-        try:
-            data = os.read(src, 32768)
-        except BlockingIOError:
-            await readable(src)
-            continue
-        except OSError:
-            return
-        if not data:
-            return
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.write(dst, view)
-            except BlockingIOError:
-                await writable(dst)
-                continue
-            except OSError:
-                return  # the reader is gone for good (a container's stdin after exit)
-            view = view[n:]
-            if progress is not None:
-                progress()
+    await drive(pump.copy(src, dst, progress))
 
 
 _dir_counter = itertools.count()
@@ -126,13 +119,6 @@ def _open_fifo_pair(path: str) -> tuple[int, int]:
     r = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     w = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     return r, w
-
-
-def _close(*fds: int | None) -> None:
-    for fd in fds:
-        if fd is not None and fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 @dataclass
@@ -230,9 +216,9 @@ class ProcessIO:
     def _spawn_copy(self, src: int, dst: int, output: bool = True) -> None:
         async def run() -> None:
             try:
-                await pump(src, dst, self._progressed if output else None)
+                await copy(src, dst, self._progressed if output else None)
             finally:
-                _close(src, dst)
+                close_fds(src, dst)
 
         task = asyncio.get_running_loop().create_task(run())
         self._copies.append(task)
@@ -254,15 +240,15 @@ class ProcessIO:
                 args, {3: out_r, 4: err_r, 5: ready_w}, env={"CONTAINER_ID": cid, "CONTAINER_NAMESPACE": ns}
             )
         except OSError as e:
-            _close(out_r, out_w, err_r, err_w, ready_r, ready_w)
+            close_fds(out_r, out_w, err_r, err_w, ready_r, ready_w)
             raise errdefs.ShimError(f"failed to start logging binary {args[0]}: {e}") from e
-        _close(out_r, err_r, ready_w)
+        close_fds(out_r, err_r, ready_w)
         self._child_ends += [out_w, err_w]
         try:
             # Ready when the logger writes to or closes fd 5.
             await asyncio.wait_for(self._wait_ready(ready_r), timeout=10)
         finally:
-            _close(ready_r)
+            close_fds(ready_r)
         return out_w, err_w
 
     async def _wait_ready(self, fd: int) -> None:
@@ -318,7 +304,7 @@ class ProcessIO:
             if not fds:
                 raise errdefs.ShimError("runc sent no console master")
             for extra in fds[1:]:
-                _close(extra)
+                close_fds(extra)
             return fds[0]
 
         return asyncio.get_running_loop().create_task(accept())
@@ -335,7 +321,7 @@ class ProcessIO:
 
     def started(self) -> None:
         """The process holds its ends now; the shim's copies would keep EOF from ever coming."""
-        _close(*self._child_ends)
+        close_fds(*self._child_ends)
         self._child_ends.clear()
         if self._stdin_fifo_r is not None and self._stdin_pipe_w is not None:
             self._spawn_copy(self._stdin_fifo_r, self._stdin_pipe_w, output=False)
@@ -350,7 +336,7 @@ class ProcessIO:
 
     def close_stdin(self) -> None:
         """CloseIO: drop our writer on the stdin FIFO, so EOF comes once the client's closes too."""
-        _close(self._stdin_keep)
+        close_fds(self._stdin_keep)
         self._stdin_keep = None
 
     def _progressed(self) -> None:
@@ -376,8 +362,8 @@ class ProcessIO:
             t.cancel()
         if self._copies:
             await asyncio.gather(*self._copies, return_exceptions=True)
-        _close(*self._child_ends, *self._own, self._stdin_keep, self._stdin_fifo_r, self._stdin_pipe_w)
-        _close(self._stdout_dst, self.console_master)
+        close_fds(*self._child_ends, *self._own, self._stdin_keep, self._stdin_fifo_r, self._stdin_pipe_w)
+        close_fds(self._stdout_dst, self.console_master)
         self._child_ends.clear()
         self._own.clear()
         self._stdin_keep = self._stdin_fifo_r = self._stdin_pipe_w = self._stdout_dst = None

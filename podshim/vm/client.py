@@ -31,7 +31,8 @@ from typing import Any
 
 from podshim import errdefs
 from podshim.guest import protocol as P
-from podshim.system.stdio import readable, writable
+from podshim.system import pump
+from podshim.system.stdio import drive
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ class AgentError(errdefs.ShimError):
 
 
 class _OutputSink:
-    """Guest output for one stream: written to ``fd`` in order, acknowledged once written."""
+    """Guest output for one stream: written to ``fd`` in order, acknowledged once written (or
+    dropped, once nobody reads any more: the guest's window must not stall on that)."""
 
     def __init__(self, client: AgentClient, sid: int, fd: int) -> None:
         self.client, self.sid, self.fd = client, sid, fd
@@ -80,21 +82,11 @@ class _OutputSink:
 
     async def _run(self) -> None:
         os.set_blocking(self.fd, False)
-        broken = False
+        sink = pump.Sink(self.fd)
         try:
             while True:
                 data, eof = await self.queue.get()
-                view = memoryview(data)
-                while view and not broken:
-                    try:
-                        n = os.write(self.fd, view)
-                    except BlockingIOError:
-                        await writable(self.fd)
-                        continue
-                    except OSError:
-                        broken = True  # nobody reads any more: drop, but keep acknowledging
-                        break
-                    view = view[n:]
+                await drive(sink.write(data))
                 if data:
                     self.unacked -= len(data)
                     with contextlib.suppress(AgentGone):  # closed: the rest is still written out
@@ -112,35 +104,26 @@ class _InputSource:
 
     def __init__(self, client: AgentClient, sid: int, fd: int) -> None:
         self.client, self.sid, self.fd = client, sid, fd
-        self.unacked = 0
+        self.window = pump.Window(P.WINDOW)
         self.credit = asyncio.Event()
-        self.credit.set()
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     def ack(self, n: int) -> None:
-        self.unacked = max(0, self.unacked - n)
-        if self.unacked < P.WINDOW:
-            self.credit.set()
+        self.window.ack(n)
+        self.credit.set()
+
+    async def _wait_credit(self) -> None:
+        while not self.window.room:
+            self.credit.clear()
+            await self.credit.wait()
+
+    def _send(self, data: bytes, eof: bool) -> None:
+        self.client.send(P.encode(P.DATA, self.sid, data, P.FLAG_EOF if eof else 0))
 
     async def _run(self) -> None:
         os.set_blocking(self.fd, False)
         try:
-            while True:
-                await self.credit.wait()
-                try:
-                    data = os.read(self.fd, min(P.DATA_CHUNK, P.WINDOW - self.unacked))
-                except BlockingIOError:
-                    await readable(self.fd)
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    self.client.send(P.encode(P.DATA, self.sid, b"", P.FLAG_EOF))
-                    return
-                self.unacked += len(data)
-                if self.unacked >= P.WINDOW:
-                    self.credit.clear()
-                self.client.send(P.encode(P.DATA, self.sid, data))
+            await drive(pump.send_stream(self.fd, self.window, self._send, P.DATA_CHUNK), self._wait_credit)
         except AgentGone:
             return
         finally:

@@ -88,7 +88,7 @@ async def test_pump_copies_everything_through_a_full_destination() -> None:
             out += chunk
 
     async def pump() -> None:
-        await stdio.pump(src_r, dst_w)
+        await stdio.copy(src_r, dst_w)
         os.close(dst_w)
 
     got, _, _ = await asyncio.wait_for(asyncio.gather(drain(), feed(), pump()), BOUND)
