@@ -39,6 +39,7 @@ from podshim.guest.runc import RuncError, runc
 from podshim.guest.stdio import InStream, OutStream, Stdio
 from podshim.system import runc_command as cmd
 from podshim.system.cgroupfs import v2_metrics
+from podshim.system.fds import read_text
 
 RECONNECT_POLL = 0.02
 
@@ -54,7 +55,7 @@ class Agent:
         self._events = threading.Lock()
         self._out: dict[int, OutStream] = {}
         self._in: dict[int, InStream] = {}
-        self.faults = "podshim.faults=1" in _read("/proc/cmdline")
+        self.faults = "podshim.faults=1" in read_text("/proc/cmdline")
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -383,14 +384,6 @@ def _poweroff() -> None:
     time.sleep(0.05)  # let the response reach the host
     os.sync()
     os.execv("/bb/poweroff", ["poweroff", "-f"])
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ import errno
 import os
 from typing import Any, NamedTuple
 
+from podshim.system.fds import read_text
+
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
@@ -70,21 +72,13 @@ class Cgroup(NamedTuple):
             return []
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 UNLIMITED = 2**64 - 1
 """What containerd's cgroups v2 reader reports for a v2 limit of "max"."""
 
 
 def _int(path: str, unlimited: int = 0) -> int:
     """A counter or limit; "max" is ``unlimited``: 0 as containerd's v1 reader has it."""
-    text = _read(path).strip()
+    text = read_text(path).strip()
     if text == "max":
         return unlimited
     if not text:
@@ -98,7 +92,7 @@ def _int(path: str, unlimited: int = 0) -> int:
 def read_keyed(path: str) -> dict[str, int]:
     """A flat keyed file (``key value`` lines: cpu.stat, memory.stat, memory.events...)."""
     out: dict[str, int] = {}
-    for line in _read(path).splitlines():
+    for line in read_text(path).splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
             out[parts[0]] = int(parts[1])
@@ -129,7 +123,7 @@ def v1_metrics(cg: Cgroup) -> dict[str, Any]:
             "total": _int(f"{d}/cpuacct.usage"),
             "kernel": stat.get("system", 0) * tick_ns,
             "user": stat.get("user", 0) * tick_ns,
-            "per_cpu": [int(x) for x in _read(f"{d}/cpuacct.usage_percpu").split()],
+            "per_cpu": [int(x) for x in read_text(f"{d}/cpuacct.usage_percpu").split()],
         }
     if d := cg.v1.get("cpu"):
         t = read_keyed(f"{d}/cpu.stat")
@@ -189,11 +183,11 @@ def _v1_blkio(d: str) -> dict[str, Any]:
     """Like containerd/cgroups: the CFQ/BFQ files when they have data, else the throttle ones."""
     out: dict[str, Any] = {}
     prefix = "blkio."
-    if not _read(f"{d}/blkio.io_serviced_recursive").strip():
+    if not read_text(f"{d}/blkio.io_serviced_recursive").strip():
         prefix = "blkio.throttle."
     for field_name, fname in _BLKIO_FILES.items():
         entries = []
-        for line in _read(f"{d}/{prefix}{fname}").splitlines():
+        for line in read_text(f"{d}/{prefix}{fname}").splitlines():
             parts = line.split()
             if len(parts) < 2 or ":" not in parts[0]:
                 continue
