@@ -12,9 +12,11 @@ started by the initramfs's ``/init`` as ``python3 -m podshim.guest.agent``.  It 
   host connections, so each new session starts with a HELLO carrying a snapshot of every process.
 
 Threads, not asyncio: ``import asyncio`` pulls in ssl and friends, which under TCG over 9p costs
-a noticeable part of boot, and everything here is a handful of blocking loops.  Being PID 1, the
-agent reaps every orphan; one reaper thread owns ``wait4(-1)`` and nothing else waits for a
-child, so no exit status is lost to a racing ``waitpid``.
+a noticeable part of boot, and everything here is a handful of blocking loops.  The mechanisms
+(reaper, runc's command line, cgroup readers, OOM watch, stdio pumps) are the shim's own
+``podshim.system`` modules, driven here from threads; the modules of this package split the
+rest by concern (:mod:`.channel`, :mod:`.stdio`, :mod:`.containers`, :mod:`.reaper`,
+:mod:`.runc`); this one holds the session and the operations.
 """
 
 from __future__ import annotations
