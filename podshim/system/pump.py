@@ -111,12 +111,13 @@ class Window:
 
 def send_stream(fd: int, window: Window, send: Callable[[bytes, bool], None], chunk: int = CHUNK) -> Steps:
     """fd's bytes as a stream: ``send(data, eof)`` for each chunk while the window has room, then
-    ``send(b"", True)`` at fd's end."""
+    ``send(b"", True)`` at fd's end.  A chunk never takes the stream past its window: the
+    receiving end may hold the sender to it."""
     while True:
         if not window.room:
             yield Wait(CREDIT, fd)
             continue
-        data = yield from read_chunk(fd, chunk)
+        data = yield from read_chunk(fd, min(chunk, window.size - window.unacked))
         if not data:
             send(b"", True)
             return
