@@ -10,7 +10,6 @@ imports; :func:`stage` lays them out for the guest.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 MODULES = (
@@ -47,27 +46,34 @@ def _source(module: str) -> str:
     return os.path.join(base, "__init__.py") if os.path.isdir(base) else base + ".py"
 
 
-def stage(dest: str) -> None:
-    """Copy :data:`MODULES` into ``dest``, the directory exported to the guest as the agent.
+def export_files() -> dict[str, bytes]:
+    """The agent's export, path inside it -> content: :data:`MODULES` laid out for the guest.
 
-    The image's ``/init`` mounts that export at ``podshim/guest`` (on an empty ``podshim``
-    package), so the guest package's modules go at the top of ``dest`` and the shared
-    ``podshim.system`` ones into ``dest/system``, where :func:`_find_shared` looks for them.
-    A copy, not the package itself: the guest then gets exactly the modules it needs, and one
-    version of them for the VM's life, whatever happens to the installed package meanwhile."""
-    os.makedirs(os.path.join(dest, SHARED_DIR), exist_ok=True)
+    The image's ``/init`` mounts the export at ``podshim/guest`` (on an empty ``podshim``
+    package), so the guest package's modules go at its top and the shared ``podshim.system``
+    ones into ``system/``, where :func:`_find_shared` looks for them."""
+    files = {}
     for module in MODULES:
         parts = module.split(".")
         src = _source(module)
-        if parts[1] == "guest":
-            rel = [*parts[2:-1], os.path.basename(src)] if len(parts) > 2 else ["__init__.py"]
-        else:
-            rel = (
-                [SHARED_DIR, *parts[2:-1], os.path.basename(src)]
-                if len(parts) > 2
-                else [SHARED_DIR, "__init__.py"]
-            )
-        shutil.copyfile(src, os.path.join(dest, *rel))
+        inner = [*parts[2:-1], os.path.basename(src)] if len(parts) > 2 else ["__init__.py"]
+        rel = inner if parts[1] == "guest" else [SHARED_DIR, *inner]
+        with open(src, "rb") as f:
+            files[os.path.join(*rel)] = f.read()
+    return files
+
+
+def stage(dest: str, files: dict[str, bytes] | None = None) -> None:
+    """Write the agent's export (:func:`export_files`, or ``files`` read earlier) into ``dest``.
+
+    A copy, not the installed package: the guest gets exactly the modules it needs, and a shim
+    that read them when its VM backend was created gives every VM the same version, whatever
+    happens to the installed package meanwhile."""
+    for rel, data in (files if files is not None else export_files()).items():
+        path = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
 
 
 def _find_shared() -> None:

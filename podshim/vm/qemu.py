@@ -53,6 +53,9 @@ PR_SET_PDEATHSIG = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
+# Read once, with the VM backend: every VM of this shim runs the agent of this shim's version.
+AGENT_FILES = guest.export_files()
+
 
 class VMError(Exception):
     """The VM could not be started or has gone; the message says why."""
@@ -335,7 +338,7 @@ class QemuVM:
         cfg = self.cfg
         os.makedirs(cfg.shared_dir, exist_ok=True)
         if not cfg.agent_dir:
-            guest.stage(cfg.agent_export)
+            guest.stage(cfg.agent_export, AGENT_FILES)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(cfg.agent_socket)
         argv = qemu_argv(cfg, self.accel, host_tsc_khz() if self.accel.name == "tcg" else 0)

@@ -76,3 +76,15 @@ def test_staging_copies_and_nothing_else(tmp_path: Path) -> None:
     assert len(files) == len(guest.MODULES)
     assert "agent.py" in files and f"{guest.SHARED_DIR}/children.py" in files
     shutil.rmtree(dest)
+
+
+def test_a_vm_gets_the_agent_read_when_the_vm_code_was_loaded(tmp_path: Path) -> None:
+    """qemu stages what it read at import (with the VM backend), not what is installed at spawn:
+    a package upgraded under a running shim never gives its VMs a newer agent."""
+    from podshim.vm import qemu
+
+    assert guest.export_files() == qemu.AGENT_FILES
+    files = dict(qemu.AGENT_FILES)
+    files["agent.py"] = b"# the version this shim loaded\n"
+    guest.stage(str(tmp_path), files)
+    assert (tmp_path / "agent.py").read_bytes() == b"# the version this shim loaded\n"
