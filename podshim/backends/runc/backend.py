@@ -197,13 +197,9 @@ class RuncExec(_RuncProcess):
             since = boot_ticks()
             with REAPER.expecting():
                 try:
-                    await c.runc.exec(
-                        c.id,
-                        spec_path,
-                        pid_file,
-                        console_socket=self.pio.console_socket_path,
-                        stdio_fds=self.pio.child_stdio,
-                    )
+                    console_path = self.pio.console_socket_path
+                    args = runc_command.exec_args(c.id, spec_path, pid_file, console_socket=console_path)
+                    await c.runc.run_with_stdio(args, self.pio.child_stdio)
                 except BaseException:
                     if console is not None:
                         console.cancel()
@@ -273,15 +269,15 @@ class RuncContainer(Container):
             await off_loop(_remove, pid_file)
             with REAPER.expecting():
                 try:
-                    await self.runc.create(
+                    args = runc_command.create_args(
                         self.id,
                         self.bundle,
                         pid_file,
                         console_socket=pio.console_socket_path,
                         no_pivot=s.no_pivot_root,
                         no_new_keyring=s.no_new_keyring,
-                        stdio_fds=pio.child_stdio,
                     )
+                    await self.runc.run_with_stdio(args, pio.child_stdio)
                 except BaseException:
                     if console is not None:
                         console.cancel()

@@ -37,42 +37,10 @@ class Runc:
             raise self._error(args[0], res.returncode, res.stderr.decode(errors="replace").strip())
         return res.stdout
 
-    async def create(
-        self,
-        cid: str,
-        bundle: str,
-        pid_file: str,
-        *,
-        console_socket: str | None = None,
-        no_pivot: bool = False,
-        no_new_keyring: bool = False,
-        stdio_fds: tuple[int, int, int] | None = None,
-    ) -> None:
-        args = cmd.create_args(
-            cid,
-            bundle,
-            pid_file,
-            console_socket=console_socket,
-            no_pivot=no_pivot,
-            no_new_keyring=no_new_keyring,
-        )
-        await self._run_with_stdio(args, stdio_fds)
+    async def run_with_stdio(self, args: list[str], stdio_fds: tuple[int, int, int] | None) -> None:
+        """``create`` or ``exec`` (:func:`~podshim.system.runc_command.create_args`, ``exec_args``).
 
-    async def exec(
-        self,
-        cid: str,
-        process_json: str,
-        pid_file: str,
-        *,
-        console_socket: str | None = None,
-        stdio_fds: tuple[int, int, int] | None = None,
-    ) -> None:
-        await self._run_with_stdio(
-            cmd.exec_args(cid, process_json, pid_file, console_socket=console_socket), stdio_fds
-        )
-
-    async def _run_with_stdio(self, args: list[str], stdio_fds: tuple[int, int, int] | None) -> None:
-        """runc hands its own stdio to the container process, so it gets the container's pipes, or
+        runc hands its own stdio to the container process, so it gets the container's pipes, or
         /dev/null: pipes of ours would be held open by the container and never reach EOF."""
         argv = self.command.argv(*args)
         if stdio_fds is None:
