@@ -23,6 +23,7 @@ MODULES = (
     "podshim.guest.protocol",
     "podshim.guest.reaper",
     "podshim.guest.runc",
+    "podshim.guest.session",
     "podshim.guest.stdio",
     "podshim.system",
     "podshim.system.cgroupfs",

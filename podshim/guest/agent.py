@@ -27,133 +27,33 @@ import os
 import signal
 import threading
 import time
-import traceback
 from typing import Any
 
-from podshim.guest import protocol as P
 from podshim.guest.channel import Channel, find_port
 from podshim.guest.containers import Container, Proc, vm_stats
-from podshim.guest.errors import AgentError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from podshim.guest.errors import AgentError, AlreadyExists, FailedPrecondition, NotFound
 from podshim.guest.log import log
 from podshim.guest.paths import RUNC_ROOT, STATE
 from podshim.guest.reaper import REAPER, run
 from podshim.guest.runc import RuncError, runc
-from podshim.guest.stdio import InStream, OutStream, Stdio
+from podshim.guest.session import Session
+from podshim.guest.stdio import Stdio
 from podshim.system import runc_command as cmd
 from podshim.system.cgroupfs import v2_metrics
 from podshim.system.fds import read_text
 
-RECONNECT_POLL = 0.02
 
+class Agent(Session):
+    """The operations on containers in the VM."""
 
-class Agent:
     def __init__(self, chan: Channel) -> None:
-        self.chan = chan
+        super().__init__(chan)
         self.containers: dict[str, Container] = {}
         self._creating: set[str] = set()
-        self._lock = threading.Lock()  # containers, streams
-        # Held across "record an exit + send its event" and "snapshot + send HELLO": an exit is
-        # then either in the snapshot or its event comes after the HELLO answer.
-        self._events = threading.Lock()
-        self._out: dict[int, OutStream] = {}
-        self._in: dict[int, InStream] = {}
         self.faults = "podshim.faults=1" in read_text("/proc/cmdline")
 
-    # -- plumbing ---------------------------------------------------------------------------
-
-    def event(self, obj: dict[str, Any]) -> None:
-        with self._events:
-            self.chan.send_json(P.EVENT, 0, obj)
-
-    def add_stream(self, direction: str, sid: int, fd: int) -> None:
-        with self._lock:
-            if direction == "out":
-                out = OutStream(self, sid, fd)
-                self._out[sid] = out
-                out.start()
-            else:
-                inp = InStream(self, sid, fd)
-                self._in[sid] = inp
-                inp.start()
-
-    def forget_stream(self, sid: int) -> None:
-        with self._lock:
-            self._out.pop(sid, None)
-            self._in.pop(sid, None)
-
-    def process_exited(self, proc: Proc, status: int) -> None:
-        with self._events:
-            proc.status = status
-            ev = {"event": "exit", "id": proc.container.id, "exec_id": proc.exec_id, "pid": proc.pid}
-            self.chan.send_json(P.EVENT, 0, {**ev, "status": status})
-
-    def hello(self, req: dict[str, Any]) -> None:
-        with self._lock:
-            # The old session's unacknowledged bytes will never be acknowledged.
-            for out in self._out.values():
-                out.reset_window()
-        with self._events:
-            with self._lock:
-                procs = [p.snapshot() for c in self.containers.values() for p in c.processes() if p.pid]
-            self.chan.send_json(P.HELLO, 0, {"session": req.get("session"), "processes": procs})
-        log(f"session {req.get('session')} open")
-
-    def serve(self) -> None:
-        dec = P.Decoder()
-        connected = False
-        while True:
-            try:
-                data = os.read(self.chan.fd, 65536)
-            except InterruptedError:
-                continue
-            if not data:
-                # virtio-serial reads EOF while no host is connected; a host that comes back
-                # starts a new session, so a half-read frame of the old one is dropped.
-                if connected:
-                    log("host disconnected")
-                    connected = False
-                dec.reset()
-                time.sleep(RECONNECT_POLL)
-                continue
-            connected = True
-            for frame in dec.feed(data):
-                self.dispatch(frame)
-
-    def dispatch(self, frame: P.Frame) -> None:
-        if frame.type == P.DATA:
-            with self._lock:
-                inp = self._in.get(frame.stream)
-            if inp is not None:
-                inp.push(frame.payload, bool(frame.flags & P.FLAG_EOF))
-            return
-        if frame.type == P.ACK:
-            with self._lock:
-                out = self._out.get(frame.stream)
-            if out is not None:
-                out.ack(P.decode_ack(frame.payload))
-            return
-        if frame.type == P.HELLO:
-            self.hello(P.decode_json(frame.payload))
-            return
-        if frame.type == P.REQUEST:
-            threading.Thread(target=self._handle, args=(frame,), daemon=True).start()
-
-    def _handle(self, frame: P.Frame) -> None:
-        op = "?"
-        try:
-            req = P.decode_json(frame.payload)
-            op = str(req.get("op"))
-            fn = getattr(self, f"op_{op}", None)
-            if fn is None:
-                raise InvalidArgument(f"unknown op {op!r}")
-            result = fn(req)
-            resp: dict[str, Any] = {"ok": True, **(result or {})}
-        except AgentError as e:
-            resp = {"error": e.kind, "message": str(e)}
-        except Exception as e:
-            log(f"{op} failed:\n{traceback.format_exc()}")
-            resp = {"error": "unknown", "message": f"{op}: {e}"}
-        self.chan.send_json(P.RESPONSE, frame.stream, resp)
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [p.snapshot() for c in self.containers.values() for p in c.processes() if p.pid]
 
     def _container(self, cid: str) -> Container:
         with self._lock:
@@ -355,8 +255,7 @@ class Agent:
 
     def op_state(self, req: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            procs = [p.snapshot() for c in self.containers.values() for p in c.processes() if p.pid]
-        return {"processes": procs}
+            return {"processes": self.snapshot()}
 
     def op_network(self, req: dict[str, Any]) -> dict[str, Any]:
         """Give eth0 the pod's addresses and routes (ip(8) syntax from the host)."""

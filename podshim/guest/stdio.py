@@ -17,13 +17,13 @@ from podshim.system import pump
 from podshim.system.fds import close_fds
 
 if TYPE_CHECKING:
-    from podshim.guest.agent import Agent
+    from podshim.guest.session import Session
 
 
 class OutStream:
     """A process's output: its pipe (or pty) as DATA frames within the window (shared pump)."""
 
-    def __init__(self, agent: Agent, sid: int, fd: int) -> None:
+    def __init__(self, agent: Session, sid: int, fd: int) -> None:
         self.agent, self.sid, self.fd = agent, sid, fd
         self.window = pump.Window(P.WINDOW)
         self.done = threading.Event()
@@ -53,7 +53,7 @@ class InStream:
     """A process's stdin: DATA frames from the host, written by a thread of its own so that a
     container that does not read its stdin blocks only this stream (shared pump)."""
 
-    def __init__(self, agent: Agent, sid: int, fd: int) -> None:
+    def __init__(self, agent: Session, sid: int, fd: int) -> None:
         self.agent, self.sid, self.fd = agent, sid, fd
         self._queue: collections.deque[tuple[bytes, bool]] = collections.deque()
         self._cond = threading.Condition()
@@ -93,7 +93,7 @@ _console_ids = itertools.count(1)
 class Stdio:
     """The agent's side of one process's stdio, and the child's ends for runc."""
 
-    def __init__(self, agent: Agent, spec: dict[str, Any], name: str) -> None:
+    def __init__(self, agent: Session, spec: dict[str, Any], name: str) -> None:
         self.agent = agent
         self.stdin_sid = int(spec.get("stdin") or 0)
         self.stdout_sid = int(spec.get("stdout") or 0)
