@@ -4,6 +4,7 @@ staged export mounted at ``podshim/guest``), on a python with no site-packages."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -72,8 +73,9 @@ def test_the_shared_modules_import_nothing_but_the_standard_library() -> None:
 def test_staging_copies_and_nothing_else(tmp_path: Path) -> None:
     dest = tmp_path / "export"
     guest.stage(str(dest))
-    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*.py") if p.is_file())
     assert len(files) == len(guest.MODULES)
+    assert len(list(dest.rglob("__pycache__/*.pyc"))) == len(guest.MODULES)
     assert "agent.py" in files and f"{guest.SHARED_DIR}/children.py" in files
     shutil.rmtree(dest)
 
@@ -88,3 +90,37 @@ def test_a_vm_gets_the_agent_read_when_the_vm_code_was_loaded(tmp_path: Path) ->
     files["agent.py"] = b"# the version this shim loaded\n"
     guest.stage(str(tmp_path), files)
     assert (tmp_path / "agent.py").read_bytes() == b"# the version this shim loaded\n"
+
+
+def test_the_guest_loads_the_staged_bytecode_and_compiles_nothing(tmp_path: Path) -> None:
+    """The guest's tree is read-only and it writes no bytecode: without the staged pycs it would
+    compile every module at every boot (slow under TCG)."""
+    root = _guest_tree(tmp_path)
+    res = subprocess.run(
+        [
+            PYTHON,
+            "-S",
+            "-I",
+            "-B",
+            "-v",
+            "-c",
+            f"import sys; sys.path.insert(0, {str(root)!r}); import podshim.guest.agent",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    loaded = [
+        ln for ln in res.stderr.splitlines() if "code object from" in ln and ".pyc" in ln and str(root) in ln
+    ]
+    magic = subprocess.run(
+        [PYTHON, "-c", "import importlib.util; print(importlib.util.MAGIC_NUMBER.hex())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if magic != importlib.util.MAGIC_NUMBER.hex():
+        assert loaded == []  # another python version: it ignores our bytecode, as it must
+        return
+    assert len(loaded) == len(guest.MODULES), res.stderr[-2000:]
