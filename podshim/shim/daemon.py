@@ -12,6 +12,7 @@ import sys
 
 from podshim import options
 from podshim.service import SERVICE, TaskService
+from podshim.shim import address
 from podshim.shim.publisher import EventPublisher
 from podshim.system import reaper
 from podshim.ttrpc.server import Server
@@ -61,8 +62,7 @@ async def serve(
     serving.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await serving
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(socket_path)
+    address.remove_own(socket_path)
     await publisher.close(timeout=5.0)
     await service.close()
     reaper.REAPER.uninstall()

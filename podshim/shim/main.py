@@ -129,9 +129,9 @@ def start(args: Args) -> int:
         return 1
     path = args.socket or address.socket_path(args.address, args.namespace, key, bundle)
     addr = "unix://" + path
-    sock = address.listen(path)
-    if sock is None:
-        # A live shim serves this pod already: this container lands on it.
+    listener = address.listen(path)
+    if listener is None:
+        # A live shim serves this pod already (it holds the socket's lock): this container lands on it.
         address.write_address_file(bundle, addr)
         sys.stdout.write(addr)
         return 0
@@ -153,16 +153,21 @@ def start(args: Args) -> int:
 
     pid = os.fork()
     if pid == 0:
-        _run_server(sock, args, path, bundle, start_options)
-    sock.close()
+        _run_server(listener, args, path, bundle, start_options)
+    # The server holds the lock now (the same open file); this process lets go of its copy.
+    listener.close()
     _adopt(pid, start_options)
     sys.stdout.write(addr)
     sys.stdout.flush()
     return 0
 
 
+SERVER_SOCKET_FD = 3
+SERVER_LOCK_FD = 4
+
+
 def _run_server(
-    sock: socket.socket, args: Args, path: str, bundle: str, start_options: options.ShimOptions
+    listener: address.Listener, args: Args, path: str, bundle: str, start_options: options.ShimOptions
 ) -> None:
     """The forked child: detach from containerd's pipes and session, then serve until shutdown."""
     code = 1
@@ -173,12 +178,20 @@ def _run_server(
             os.dup2(devnull, fd)
         os.close(devnull)
         # Whatever containerd (or its parent) leaked to us would be held for the shim's life.
-        fd = sock.detach()
-        if fd != 3:
-            os.dup2(fd, 3)
-            os.close(fd)
-        sock = socket.socket(fileno=3)
-        os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+        # The socket and the lifetime lock go to fixed descriptors, close-on-exec: no child
+        # program may hold the lock (it would outlive us) or the listening socket.
+        import fcntl
+
+        # Out of the way first, so that neither lands on the other's fixed number.
+        moved = []
+        for ours in (listener.sock.detach(), listener.lock_fd):
+            moved.append(fcntl.fcntl(ours, fcntl.F_DUPFD_CLOEXEC, 16))
+            os.close(ours)
+        for temp, fixed in zip(moved, (SERVER_SOCKET_FD, SERVER_LOCK_FD), strict=True):
+            os.dup2(temp, fixed, inheritable=False)
+            os.close(temp)
+        sock = socket.socket(fileno=SERVER_SOCKET_FD)
+        os.closerange(SERVER_LOCK_FD + 1, os.sysconf("SC_OPEN_MAX"))
         import asyncio
 
         from podshim.shim import daemon
