@@ -232,5 +232,3 @@ class HostBackend(Backend):
 
     async def close(self) -> None:
         self.oom.close()
-
-
