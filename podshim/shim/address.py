@@ -118,6 +118,8 @@ def listen(path: str) -> Listener | None:
 
 def is_served(path: str) -> bool:
     """Whether a live shim holds the lifetime lock of socket ``path``."""
+    if not os.path.isdir(os.path.dirname(path)):
+        return False
     with _directory_locked(os.path.dirname(path)):
         fd = _try_lock(path, create=False)
         if fd is None:

@@ -259,6 +259,12 @@ def delete(args: Args) -> int:
             opts = ShimOptions.from_json(f.read())
     except (OSError, ValueError):
         opts = ShimOptions()
+    from podshim.backends.host import leftovers
+
+    try:
+        leftovers.clean_up_after_shim(bundle)  # a host process's cgroup (and every process in it)
+    except OSError as e:
+        sys.stderr.write(f"clean up host process {args.id}: {e}\n")
     root = os.path.join(opts.root or "/run/containerd/runc", args.namespace)
     valid_id = not ids.problem(args.id)  # else no shim was started for it: nothing to clean up
     if valid_id and os.path.exists(os.path.join(root, args.id)):
@@ -275,12 +281,13 @@ def delete(args: Args) -> int:
         key = oci.grouping_key(_read_spec(bundle), args.id) if valid_id else ""
     except errdefs.ShimError:
         key = ""
+    socket_path = address.socket_path(args.address, args.namespace, key, bundle) if key else ""
     if key and os.path.isdir(os.environ.get("PODSHIM_VM_RUN_DIR") or "/run/podshim/vm"):
-        from podshim.vm.qemu import clean_up_after_shim  # a dead VM pod's shares and run dir
+        from podshim.vm.qemu import clean_up_after_shim  # a dead VM pod's shares, qemu and run dir
 
-        clean_up_after_shim(key, args.id)
+        clean_up_after_shim(key, args.id, shim_gone=not address.is_served(socket_path))
     if key:
-        address.remove_if_dead(address.socket_path(args.address, args.namespace, key, bundle))
+        address.remove_if_dead(socket_path)
     pid = 0
     with contextlib.suppress(OSError, ValueError), open(os.path.join(bundle, "init.pid")) as f:
         pid = int(f.read().strip())

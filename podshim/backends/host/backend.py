@@ -20,6 +20,7 @@ from typing import Any
 
 from podshim import errdefs, oci, policy
 from podshim.backends.base import Backend, Container, ContainerRequest, PipedProcess, Process, ProcessGone
+from podshim.backends.host import leftovers
 from podshim.backends.host.launch import Held, LaunchSpec, env_of, rlimits_of, spawn_held
 from podshim.backends.host.sandbox import SandboxHolder
 from podshim.options import ShimOptions
@@ -133,6 +134,7 @@ class HostContainer(Container):
 
     async def create(self) -> None:
         try:
+            self._record()
             if self.req.rootfs:
                 if not os.path.isdir(self.mount_point):
                     os.makedirs(self.mount_point, mode=0o755)
@@ -190,6 +192,10 @@ class HostContainer(Container):
         await self.init.close()
         self._release_resources()
 
+    def _record(self) -> None:
+        made = bool(self.req.rootfs) and not os.path.isdir(self.mount_point)
+        leftovers.write(self.req.bundle, self.cgroup, self.mount_point, made)
+
     def _release_resources(self) -> None:
         cgroups.remove(self.cgroup)
         if self._mounted:
@@ -199,6 +205,9 @@ class HostContainer(Container):
             with contextlib.suppress(OSError):
                 os.rmdir(self.mount_point)
             self._made_mount_point = False
+        if not self.cgroup.exists():
+            leftovers.forget(self.req.bundle)
+
 
 
 def _cgroupfs_path(path: str, namespace: str, cid: str) -> str:
