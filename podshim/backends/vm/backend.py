@@ -356,6 +356,7 @@ def _add_vm_usage(metrics: dict[str, Any], backend: VMBackend) -> None:
 
 class VMBackend(Backend):
     name = "vm"
+    sandbox_owns_workloads = True
 
     def __init__(
         self,
