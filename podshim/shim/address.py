@@ -116,16 +116,25 @@ def listen(path: str) -> Listener | None:
         return Listener(s, lock_fd)
 
 
-def is_served(path: str) -> bool:
-    """Whether a live shim holds the lifetime lock of socket ``path``."""
-    if not os.path.isdir(os.path.dirname(path)):
-        return False
-    with _directory_locked(os.path.dirname(path)):
-        fd = _try_lock(path, create=False)
-        if fd is None:
-            return os.path.exists(path + LOCK_SUFFIX)
+def _served(path: str) -> bool:
+    """Whether a live shim serves socket ``path`` (the caller holds the directory lock): its
+    lifetime lock is held, or, for a shim from before the lock (no lock file), its socket still
+    accepts connections."""
+    fd = _try_lock(path, create=False)
+    if fd is not None:
         os.close(fd)
         return False
+    if os.path.exists(path + LOCK_SUFFIX):
+        return True
+    return os.path.exists(path) and not _refused(path)
+
+
+def is_served(path: str) -> bool:
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        return False
+    with _directory_locked(directory):
+        return _served(path)
 
 
 def remove_if_dead(path: str) -> None:
@@ -134,17 +143,8 @@ def remove_if_dead(path: str) -> None:
     if not os.path.isdir(directory):
         return
     with _directory_locked(directory):
-        fd = _try_lock(path, create=False)
-        if fd is None:
-            if os.path.exists(path + LOCK_SUFFIX):
-                return  # a live shim holds it
-            if not _refused(path):
-                return  # no lock file, but something listens: not ours to judge
-        try:
+        if not _served(path):
             _unlink(path)
-        finally:
-            if fd is not None:
-                os.close(fd)
 
 
 def _refused(path: str) -> bool:
