@@ -5,7 +5,7 @@ The shim ``posix_spawn``s it (with its own session, default signal dispositions 
 signal mask) and hands it exactly these descriptors:
 
     0, 1, 2   the workload's stdio (or its pty slave on all three)
-    3         the launch spec, JSON, in a memfd
+    3         the launch spec, a ``marshal``led dict (no import to decode it), in a memfd
     4         the gate: one byte ``x`` runs the workload; EOF means "dropped": exit 0
     5         errors: a message, then exit 127; closed by a successful exec
 
@@ -20,12 +20,9 @@ backend, so a running shim keeps launching the code it was started with.
 
 from __future__ import annotations
 
-import fcntl
-import json
+import marshal
 import os
-import resource
 import signal
-import termios
 
 SPEC_FD = 3
 GATE_FD = 4
@@ -65,9 +62,16 @@ def _default_signals() -> None:
 def _prepare(spec: dict[str, object]) -> None:
     _default_signals()
     if spec.get("tty"):
+        import fcntl
+        import termios
+
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-    for res, soft, hard in spec.get("rlimits") or []:  # type: ignore[attr-defined]
-        resource.setrlimit(res, (soft, hard))
+    rlimits: list[tuple[int, int, int]] = spec.get("rlimits") or []  # type: ignore[assignment]
+    if rlimits:
+        import resource
+
+        for res, soft, hard in rlimits:
+            resource.setrlimit(res, (soft, hard))
     if spec.get("gid") is not None:
         os.setgroups(spec.get("groups") or [])  # type: ignore[arg-type]
         os.setgid(spec["gid"])  # type: ignore[arg-type]
@@ -80,7 +84,7 @@ def main() -> None:
     args: list[str] = []
     try:
         with os.fdopen(SPEC_FD, "rb") as f:
-            spec = json.loads(f.read())
+            spec = marshal.loads(f.read())
         args = [str(a) for a in spec["args"]]
         _prepare(spec)
         if os.read(GATE_FD, 1) != b"x":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
+import marshal
 import os
 import resource
 import signal
@@ -110,7 +110,7 @@ class Held:
 
 
 def _gate_spec(spec: LaunchSpec) -> bytes:
-    return json.dumps(
+    return marshal.dumps(
         {
             "args": spec.args,
             "env": spec.env,
@@ -121,7 +121,7 @@ def _gate_spec(spec: LaunchSpec) -> bytes:
             "rlimits": spec.rlimits,
             "tty": spec.tty_slave is not None,
         }
-    ).encode()
+    )
 
 
 def _high(fd: int) -> int:
