@@ -537,4 +537,3 @@ def from_record(record: object) -> Cgroup:
         if os.path.normpath(d) != d or not d.startswith(root + "/") or "/" in root[len(CGROUP_ROOT) + 1 :]:
             raise ValueError(f"{d!r} is not a container cgroup")
     return cg
-

@@ -237,6 +237,14 @@ def _pod_processes(pod_tasks: list[int]) -> set[int]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for whichever ancestor reaps orphans."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 @pytest.mark.parametrize("isolation", ["process", "host", "vm"])
 def test_killed_pod_shim_leaves_nothing(containerd: PrivateContainerd, ctr: Ctr, isolation: str) -> None:
     """SIGKILL a pod's shim in each isolation mode: containerd's `delete` action (once per task)
@@ -272,9 +280,7 @@ def test_killed_pod_shim_leaves_nothing(containerd: PrivateContainerd, ctr: Ctr,
     wait_until(
         lambda: ctr.task_status(app) is None and ctr.task_status(pod) is None, 30, "containerd to forget"
     )
-    wait_until(
-        lambda: not any(os.path.exists(f"/proc/{p}") for p in processes), 15, "the pod's processes to go"
-    )
+    wait_until(lambda: not any(_alive(p) for p in processes), 15, "the pod's processes to go")
     ctr.check("container", "rm", app, pod)
     assert not leaks.qemu_pids(), "qemu outlived the shim's clean-up"
     assert not os.path.exists(run_dir), "the VM run dir outlived the shim's clean-up"

@@ -209,7 +209,6 @@ class HostContainer(Container):
             leftovers.forget(self.req.bundle)
 
 
-
 def _cgroupfs_path(path: str, namespace: str, cid: str) -> str:
     """The spec's cgroupsPath in cgroupfs form; systemd's slice:prefix:name is mapped onto it."""
     if not path:
