@@ -527,7 +527,7 @@ def from_record(record: object) -> Cgroup:
     cgroup root."""
     if not isinstance(record, dict):
         raise ValueError("not a cgroup record")
-    v1 = record.get("v1") or {}
+    v1 = record.get("v1", {})
     v2 = record.get("v2")
     if not isinstance(v1, dict) or not (v2 is None or isinstance(v2, str)):
         raise ValueError("not a cgroup record")
