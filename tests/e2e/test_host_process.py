@@ -22,7 +22,6 @@ from harness.poll import wait_until
 from harness.runtimes import PODSHIM
 
 from podshim.api import task_pb2
-from podshim.cli.install import host_handler
 from podshim.ttrpc.client import Client
 
 IMAGE = "docker.io/library/busybox:latest"
@@ -37,14 +36,6 @@ def annotations(**kv: str) -> list[str]:
     for k, v in kv.items():
         out += ["--annotation", f"{k}={v}"]
     return out
-
-
-@pytest.fixture
-def host_options(tmp_path: Path) -> Path:
-    """The podshim-host handler's options file, with a directory for hostprocess-rootfs-location."""
-    path = tmp_path / "podshim-host.toml"
-    path.write_text(host_handler(rootfs_locations=(str(tmp_path / "hostprocess"),)).options)
-    return path
 
 
 def run_sandbox(

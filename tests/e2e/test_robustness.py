@@ -216,9 +216,14 @@ def test_bad_input_gets_clear_errors_and_shim_keeps_serving(containerd: PrivateC
     finish(ctr, "target")
 
 
-def _pod_annotations(pod: str, kind: str, isolation: str) -> list[str]:
-    ann = {CT: kind, SID: pod, "podshim.io/isolation": isolation}
-    return [a for k, v in ann.items() for a in ("--annotation", f"{k}={v}")]
+def _pod_args(pod: str, kind: str, isolation: str, host_options: Path) -> list[str]:
+    """ctr run's runtime flags for a pod's sandbox or container: CRI's annotations, and for a
+    host-process pod the admin's host handler options (the annotation alone is refused)."""
+    ann = {CT: kind, SID: pod}
+    if isolation != "host":
+        ann["podshim.io/isolation"] = isolation
+    opts = ["--runtime-config-path", str(host_options)] if isolation == "host" else []
+    return ["--runtime", PODSHIM, *opts, *(a for k, v in ann.items() for a in ("--annotation", f"{k}={v}"))]
 
 
 def _pod_processes(pod_tasks: list[int]) -> set[int]:
@@ -246,18 +251,20 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("isolation", ["process", "host", "vm"])
-def test_killed_pod_shim_leaves_nothing(containerd: PrivateContainerd, ctr: Ctr, isolation: str) -> None:
+def test_killed_pod_shim_leaves_nothing(
+    containerd: PrivateContainerd, ctr: Ctr, isolation: str, host_options: Path
+) -> None:
     """SIGKILL a pod's shim in each isolation mode: containerd's `delete` action (once per task)
     leaves no process (a daemonised one included), cgroup, mount, socket, VM run dir or qemu.
     The e2e guard checks processes, mounts, sockets, bundles and cgroups; this test checks the
     pod's own processes, qemu and the VM run dir as well."""
     pod, app = f"killed-{isolation}", f"killed-{isolation}-app"
     timeout = 240 if isolation == "vm" else 30
-    ctr.check("run", "-d", "--runtime", PODSHIM, *_pod_annotations(pod, "sandbox", isolation), IMAGE, pod,
+    ctr.check("run", "-d", *_pod_args(pod, "sandbox", isolation, host_options), IMAGE, pod,
               "sleep", "600", timeout=timeout)  # fmt: skip
     ctr.wait_task_status(pod, "RUNNING", timeout=timeout)
     # A grandchild that leaves its parent's session and process tree, as daemons do.
-    ctr.check("run", "-d", "--runtime", PODSHIM, *_pod_annotations(pod, "container", isolation), IMAGE, app,
+    ctr.check("run", "-d", *_pod_args(pod, "container", isolation, host_options), IMAGE, app,
               "sh", "-c", "(setsid sleep 600 &); exec sleep 600", timeout=timeout)  # fmt: skip
     ctr.wait_task_status(app, "RUNNING", timeout=timeout)
     sock = shim_socket(containerd, ctr, pod)
