@@ -259,7 +259,7 @@ def _at_the_gate(pid: int) -> bool:
         return False
 
 
-async def _sigterm_a_created_init(sock: str, pod: str, cid: str, bundle: Path) -> None:
+async def _signal_a_created_init(sock: str, pod: str, cid: str, bundle: Path, sig: int) -> None:
     client = await Client.connect(sock)
     try:
         req = task_pb2.CreateTaskRequest(id=cid, bundle=str(bundle))
@@ -275,16 +275,16 @@ async def _sigterm_a_created_init(sock: str, pod: str, cid: str, bundle: Path) -
         assert os.getsid(created.pid) == created.pid
         assert _fds(created.pid) == [0, 1, 2, 4, 5]
 
-        os.kill(created.pid, signal.SIGTERM)
+        os.kill(created.pid, sig)
         waited = await asyncio.wait_for(
             client.call(TASK, "Wait", task_pb2.WaitRequest(id=cid), task_pb2.WaitResponse), 30
         )
-        assert waited.exit_status == 128 + signal.SIGTERM
+        assert waited.exit_status == 128 + sig
         # The shim is alive and serves: its sandbox and the stopped task both answer.
         sandbox = await client.call(TASK, "State", task_pb2.StateRequest(id=pod), task_pb2.StateResponse)
         assert sandbox.status == 2  # RUNNING
         state = await client.call(TASK, "State", task_pb2.StateRequest(id=cid), task_pb2.StateResponse)
-        assert (state.status, state.exit_status) == (3, 128 + signal.SIGTERM)
+        assert (state.status, state.exit_status) == (3, 128 + sig)
         await client.call(TASK, "Delete", task_pb2.DeleteRequest(id=cid), task_pb2.DeleteResponse)
 
         # Started, the workload is what the gate exec'd: same pid, and still nothing of the shim.
@@ -303,9 +303,12 @@ async def _sigterm_a_created_init(sock: str, pod: str, cid: str, bundle: Path) -
         await client.close()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_to_a_created_host_process_leaves_the_shim_serving(
-    containerd: PrivateContainerd, ctr: Ctr, tmp_path: Path, host_options: Path
+    containerd: PrivateContainerd, ctr: Ctr, tmp_path: Path, host_options: Path, sig: signal.Signals
 ) -> None:
+    """The shim itself stops on SIGTERM and SIGINT: the same signal sent to a created process
+    ends that process alone."""
     pod = "hostpod-term"
     rc, _, err = run_sandbox(ctr, pod, host_options)
     assert rc == 0, err
@@ -313,7 +316,7 @@ def test_sigterm_to_a_created_host_process_leaves_the_shim_serving(
     shim = task_pid(ctr, pod)
     sock = (containerd.state / "io.containerd.runtime.v2.task" / ctr.namespace / pod / "address").read_text()
     bundle = _created_workload_bundle(tmp_path, ctr, pod, "held", ["sleep", "600"])
-    asyncio.run(_sigterm_a_created_init(sock.removeprefix("unix://"), pod, "held", bundle))
+    asyncio.run(_signal_a_created_init(sock.removeprefix("unix://"), pod, "held", bundle, sig))
     assert Path(f"/proc/{shim}").exists(), "the shim died of a signal sent to its child"
     assert ctr.task_status(pod) == "RUNNING"
     assert ctr.check("task", "ls")  # containerd still reaches the shim
