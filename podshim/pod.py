@@ -3,10 +3,13 @@
 Every rule returns the seed's errdefs kind.  The isolation backend is chosen once, from the
 sandbox spec, and shared by every task of the pod.
 
-When the sandbox's init exits (killed from outside, or stopped by CRI) the pod SIGKILLs its
-workloads: they joined the sandbox's namespaces, and a pod without its sandbox is dead to
-the kubelet, which will recreate it.  This is what the seed's hypervisor-isolated pods do when
-their utility VM goes away, applied to every isolation mode, so that nothing is orphaned.
+When the sandbox's init exits (killed from outside, or stopped by CRI), what happens to the
+workloads depends on who owns them (``Backend.sandbox_owns_workloads``).  In a VM pod the VM is
+the sandbox, and the pod SIGKILLs its workloads, as the seed's hypervisor-isolated pods do when
+their utility VM goes.  In a process pod they keep running, as with runc-v2: a container with its
+own pid namespace stays RUNNING to CRI (which marks the pod NOTREADY and stops it), and the
+kernel itself ends those that shared the sandbox's pid namespace.  A host pod's sandbox has no
+process; the seed's job-container pods leave the workloads alone when it ends.
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ class Pod:
         return self.backend.name == "host"
 
     def watch_sandbox(self) -> None:
-        """Once the sandbox runs, its exit tears the workloads down."""
-        if self._watcher is None:
+        """Once the sandbox runs, its exit tears the workloads down where it owns them."""
+        if self._watcher is None and self.backend.sandbox_owns_workloads:
             self._watcher = asyncio.get_running_loop().create_task(self._on_sandbox_exit())
 
     async def _on_sandbox_exit(self) -> None:
@@ -136,8 +139,11 @@ class Pod:
         task = self.get_task(tid)
         if all and eid:
             raise errdefs.FailedPrecondition(f"cannot signal all with non empty ExecID: '{eid}'")
-        if all and tid == self.id:
-            # Kill-all on the sandbox: every workload concurrently, the sandbox last.
+        if all and tid == self.id and task.init.state is ExecState.RUNNING:
+            # Kill-all on the sandbox: every workload concurrently, the sandbox last.  Only while
+            # the sandbox runs: once it has exited, its workloads are on their own (see above),
+            # and CRI's handling of that exit (a kill-all on the dead sandbox before deleting it)
+            # must not end them.
             results = await asyncio.gather(
                 *(w.kill(eid, signal, all) for w in list(self.workloads.values())), return_exceptions=True
             )

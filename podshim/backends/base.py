@@ -165,6 +165,11 @@ class Backend(abc.ABC):
     def preload(cls) -> None:
         for name in cls.lazy_modules:
             importlib.import_module(name)
+    sandbox_owns_workloads = False
+    """Whether a pod's workloads die with its sandbox.  Not for process pods (runc-v2: a container
+    with its own pid namespace outlives the pause process, and CRI expects it to stay RUNNING)
+    nor for host pods (the seed's job-container sandbox is a task with no process, whose exit
+    touches nobody); yes for VM pods, where the VM is the sandbox."""
 
     @abc.abstractmethod
     async def create_container(self, req: ContainerRequest) -> Container:

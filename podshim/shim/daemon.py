@@ -13,6 +13,7 @@ import sys
 from podshim import options
 from podshim.service import SERVICE, TaskService
 from podshim.shim import loopcheck
+from podshim.shim import address
 from podshim.shim.publisher import EventPublisher
 from podshim.system import reaper
 from podshim.ttrpc.server import Server
@@ -63,8 +64,7 @@ async def serve(
     serving.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await serving
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(socket_path)
+    address.remove_own(socket_path)
     await publisher.close(timeout=5.0)
     await service.close()
     reaper.REAPER.uninstall()

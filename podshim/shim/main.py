@@ -129,9 +129,9 @@ def start(args: Args) -> int:
         return 1
     path = args.socket or address.socket_path(args.address, args.namespace, key, bundle)
     addr = "unix://" + path
-    sock = address.listen(path)
-    if sock is None:
-        # A live shim serves this pod already: this container lands on it.
+    listener = address.listen(path)
+    if listener is None:
+        # A live shim serves this pod already (it holds the socket's lock): this container lands on it.
         address.write_address_file(bundle, addr)
         sys.stdout.write(addr)
         return 0
@@ -153,16 +153,21 @@ def start(args: Args) -> int:
 
     pid = os.fork()
     if pid == 0:
-        _run_server(sock, args, path, bundle, start_options)
-    sock.close()
+        _run_server(listener, args, path, bundle, start_options)
+    # The server holds the lock now (the same open file); this process lets go of its copy.
+    listener.close()
     _adopt(pid, start_options)
     sys.stdout.write(addr)
     sys.stdout.flush()
     return 0
 
 
+SERVER_SOCKET_FD = 3
+SERVER_LOCK_FD = 4
+
+
 def _run_server(
-    sock: socket.socket, args: Args, path: str, bundle: str, start_options: options.ShimOptions
+    listener: address.Listener, args: Args, path: str, bundle: str, start_options: options.ShimOptions
 ) -> None:
     """The forked child: detach from containerd's pipes and session, then serve until shutdown."""
     code = 1
@@ -173,12 +178,20 @@ def _run_server(
             os.dup2(devnull, fd)
         os.close(devnull)
         # Whatever containerd (or its parent) leaked to us would be held for the shim's life.
-        fd = sock.detach()
-        if fd != 3:
-            os.dup2(fd, 3)
-            os.close(fd)
-        sock = socket.socket(fileno=3)
-        os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+        # The socket and the lifetime lock go to fixed descriptors, close-on-exec: no child
+        # program may hold the lock (it would outlive us) or the listening socket.
+        import fcntl
+
+        # Out of the way first, so that neither lands on the other's fixed number.
+        moved = []
+        for ours in (listener.sock.detach(), listener.lock_fd):
+            moved.append(fcntl.fcntl(ours, fcntl.F_DUPFD_CLOEXEC, 16))
+            os.close(ours)
+        for temp, fixed in zip(moved, (SERVER_SOCKET_FD, SERVER_LOCK_FD), strict=True):
+            os.dup2(temp, fixed, inheritable=False)
+            os.close(temp)
+        sock = socket.socket(fileno=SERVER_SOCKET_FD)
+        os.closerange(SERVER_LOCK_FD + 1, os.sysconf("SC_OPEN_MAX"))
         import asyncio
 
         from podshim.shim import daemon
@@ -246,6 +259,12 @@ def delete(args: Args) -> int:
             opts = ShimOptions.from_json(f.read())
     except (OSError, ValueError):
         opts = ShimOptions()
+    from podshim.backends.host import leftovers
+
+    try:
+        leftovers.clean_up_after_shim(bundle)  # a host process's cgroup (and every process in it)
+    except OSError as e:
+        sys.stderr.write(f"clean up host process {args.id}: {e}\n")
     root = os.path.join(opts.root or "/run/containerd/runc", args.namespace)
     valid_id = not ids.problem(args.id)  # else no shim was started for it: nothing to clean up
     if valid_id and os.path.exists(os.path.join(root, args.id)):
@@ -262,12 +281,13 @@ def delete(args: Args) -> int:
         key = oci.grouping_key(_read_spec(bundle), args.id) if valid_id else ""
     except errdefs.ShimError:
         key = ""
+    socket_path = address.socket_path(args.address, args.namespace, key, bundle) if key else ""
     if key and os.path.isdir(os.environ.get("PODSHIM_VM_RUN_DIR") or "/run/podshim/vm"):
-        from podshim.vm.qemu import clean_up_after_shim  # a dead VM pod's shares and run dir
+        from podshim.vm.qemu import clean_up_after_shim  # a dead VM pod's shares, qemu and run dir
 
-        clean_up_after_shim(key, args.id)
+        clean_up_after_shim(key, args.id, shim_gone=not address.is_served(socket_path))
     if key:
-        address.remove_if_dead(address.socket_path(args.address, args.namespace, key, bundle))
+        address.remove_if_dead(socket_path)
     pid = 0
     with contextlib.suppress(OSError, ValueError), open(os.path.join(bundle, "init.pid")) as f:
         pid = int(f.read().strip())

@@ -6,7 +6,9 @@ containers.  The reading is :mod:`podshim.system.cgroupfs`, which the guest agen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -171,3 +173,99 @@ async def remove(cg: Cgroup, attempts: int = 50, pause: float = 0.01) -> None:
                 if attempt == attempts - 1:
                     raise
                 await asyncio.sleep(pause)
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _subtree(cg: Cgroup) -> list[str]:
+    """Every directory of the cgroup and of any cgroup made below it, deepest first."""
+    out: list[str] = []
+    for top in _dirs(cg):
+        for dirpath, _dirs_below, _files in os.walk(top, topdown=False):
+            out.append(dirpath)
+    return out
+
+
+def _procs(dirs: list[str]) -> set[int]:
+    pids: set[int] = set()
+    for d in dirs:
+        with contextlib.suppress(OSError, ValueError), open(os.path.join(d, "cgroup.procs")) as f:
+            pids.update(int(x) for x in f.read().split())
+    return pids
+
+
+def destroy(cg: Cgroup, timeout: float = 2.0) -> bool:
+    """Kill every process of the cgroup (its sub-cgroups included) and remove it, for the shim's
+    ``delete`` action after the server is gone: blocking, bounded by ``timeout``.
+
+    v2: ``cgroup.kill`` (Linux 5.14+).  v1, or an older v2: freeze, so nothing forks while the
+    list is read, SIGKILL every process, thaw (the kill lands on thaw).  True when it is gone."""
+    import signal
+
+    deadline = time.monotonic() + timeout
+    dirs = _subtree(cg)
+    if not dirs:
+        return True
+    killed = False
+    if cg.v2 and os.path.exists(os.path.join(cg.v2, "cgroup.kill")):
+        with contextlib.suppress(OSError):
+            _write(os.path.join(cg.v2, "cgroup.kill"), 1)
+            killed = True
+    if not killed:
+        frozen = False
+        with contextlib.suppress(OSError):
+            freeze(cg, True)
+            frozen = True
+        state = os.path.join(cg.v1.get("freezer", ""), "freezer.state")
+        while frozen and cg.v1.get("freezer") and time.monotonic() < deadline:
+            if _read_text(state).strip() != "FREEZING":
+                break
+            time.sleep(0.01)
+        for pid in _procs(dirs):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if frozen:
+            with contextlib.suppress(OSError):
+                freeze(cg, False)
+    while True:
+        left = [d for d in dirs if os.path.isdir(d)]
+        for d in left:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        if not any(os.path.isdir(d) for d in dirs):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        # Killed processes leave the cgroup a moment after they die; some may have forked
+        # before the freeze took: kill again what is still there.
+        for pid in _procs(dirs):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
+
+
+def to_record(cg: Cgroup) -> dict[str, Any]:
+    return {"v1": dict(cg.v1), "v2": cg.v2}
+
+
+def from_record(record: object) -> Cgroup:
+    """A cgroup written by ``to_record``; ValueError unless every directory is below the
+    cgroup root."""
+    if not isinstance(record, dict):
+        raise ValueError("not a cgroup record")
+    v1 = record.get("v1", {})
+    v2 = record.get("v2")
+    if not isinstance(v1, dict) or not (v2 is None or isinstance(v2, str)):
+        raise ValueError("not a cgroup record")
+    cg = Cgroup({str(k): str(v) for k, v in v1.items()}, v2)
+    roots = [(v2, CGROUP_ROOT)] if v2 else [(d, os.path.join(CGROUP_ROOT, c)) for c, d in cg.v1.items()]
+    for d, root in roots:
+        if os.path.normpath(d) != d or not d.startswith(root + "/") or "/" in root[len(CGROUP_ROOT) + 1 :]:
+            raise ValueError(f"{d!r} is not a container cgroup")
+    return cg

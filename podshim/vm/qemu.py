@@ -240,10 +240,12 @@ def run_dir_for(key: str, root: str = "") -> str:
     return os.path.join(root, name)
 
 
-def clean_up_after_shim(key: str, container_id: str) -> None:
-    """For the shim's ``delete`` action, after containerd lost a shim: remove what a dead shim left
-    of one container in its pod VM's share, and the whole run dir once its qemu is gone (qemu dies
-    with its shim, through PDEATHSIG).  Cheap when there is nothing to do."""
+def clean_up_after_shim(key: str, container_id: str, shim_gone: bool = False) -> None:
+    """For the shim's ``delete`` action: remove what a dead shim left of one container in its pod
+    VM's share, and, once the pod's shim is gone, its qemu and the whole run dir.  qemu dies with
+    its shim through PDEATHSIG, but maybe not yet when containerd runs this (a TCG guest with
+    hundreds of MiB takes a moment to tear down): it is killed again and awaited, bounded.
+    Cheap when there is nothing to do."""
     run_dir = run_dir_for(key)
     if not os.path.isdir(run_dir):
         return
@@ -252,17 +254,50 @@ def clean_up_after_shim(key: str, container_id: str) -> None:
         with contextlib.suppress(OSError):
             mounts.unmount_all(share)
         shutil.rmtree(share, ignore_errors=True)
+    if shim_gone:
+        _kill_qemu(run_dir)
     if not _qemu_alive(run_dir):
         remove_run_dir(run_dir)
 
 
-def _qemu_alive(run_dir: str) -> bool:
+def _qemu_pidfd(run_dir: str) -> int | None:
+    """A pidfd of the run dir's qemu, if it still runs (a pidfd: its pid cannot be reused under us)."""
     try:
         with open(os.path.join(run_dir, "qemu.pid")) as f:
             pid = int(f.read().strip())
-        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("qemu-system")
+        fd = os.pidfd_open(pid)
     except (OSError, ValueError):
+        return None
+    try:
+        if os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("qemu-system"):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _kill_qemu(run_dir: str, timeout: float = 3.0) -> None:
+    import select
+
+    fd = _qemu_pidfd(run_dir)
+    if fd is None:
+        return
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        # Readable once it has exited; its parent (init, now) reaps it.
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+
+
+def _qemu_alive(run_dir: str) -> bool:
+    fd = _qemu_pidfd(run_dir)
+    if fd is None:
         return False
+    os.close(fd)
+    return True
 
 
 # -- boot slots ---------------------------------------------------------------------------------

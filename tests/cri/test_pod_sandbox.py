@@ -7,9 +7,12 @@ import signal
 import socket
 import time
 
+import grpc  # type: ignore[import-untyped]
+from harness.poll import wait_until
+
 from .checks import assert_one_shim, wait_no_shim
 from .client import EXITED, NOTREADY, RUNNING, CriClient
-from .harness import PODSHIM_HANDLER, parent_pid
+from .harness import PODSHIM_HANDLER, CriContainerd, parent_pid, shim_servers
 
 
 def test_pod_with_three_containers_sharing_pids(
@@ -38,13 +41,13 @@ def test_pod_with_three_containers_sharing_pids(
     wait_no_shim(shim_binary, pod.id)
 
 
-def test_sandbox_killed_from_outside(cri: CriClient, busybox: str, handler: str, shim_binary: str) -> None:
-    """SIGKILL the pause process: the pod goes NOTREADY; stop and remove still clean up fully.
-
-    podshim kills the workloads when the sandbox exits (they joined its namespaces, and the kubelet
-    will recreate the pod anyway).  runc-v2 does not: with per-container pid namespaces (the
-    kubelet's default) its containers keep running until StopPodSandbox.
-    """
+def test_sandbox_killed_from_outside(
+    cri: CriClient, cri_containerd: CriContainerd, busybox: str, handler: str, shim_binary: str
+) -> None:
+    """SIGKILL the pause process: the pod goes NOTREADY, and its containers, each with a pid
+    namespace of its own (the kubelet's default), keep running and stay RUNNING to CRI, as with
+    runc-v2, also across a containerd restart (CRI's recovery); stop and remove then clean up
+    fully."""
     pod = cri.run_pod("orphaned", handler)
     ids = [cri.run_container(pod, name, ["sleep", "3600"], image=busybox) for name in ("a", "b")]
     for cid in ids:
@@ -52,17 +55,27 @@ def test_sandbox_killed_from_outside(cri: CriClient, busybox: str, handler: str,
     shim_pid = assert_one_shim(cri, pod, shim_binary, ids)
     sandbox_pid = cri.sandbox_pid(pod.id)
     assert parent_pid(sandbox_pid) == shim_pid
+    pids = {cid: cri.container_pid(cid) for cid in ids}
 
     os.kill(sandbox_pid, signal.SIGKILL)
     cri.wait_pod_state(pod.id, NOTREADY)
-    if handler == PODSHIM_HANDLER:
-        for cid in ids:
-            st = cri.wait_container_state(cid, EXITED)
-            assert st.exit_code == 137, (st.exit_code, st.reason, st.message)
-            assert st.finished_at > 0
-    else:
-        for cid in ids:
+
+    def still_running() -> None:
+        for cid, pid in pids.items():
             assert cri.container_status(cid)[0].state == RUNNING
+            assert os.path.exists(f"/proc/{pid}")
+        assert cri.exec_sync(ids[0], ["echo", "alive"]).stdout == "alive\n"
+
+    still_running()
+    # CRI's handling of the sandbox's exit ends with deleting its task (and bundle): after that,
+    # nothing of the exit is still on its way to the containers.
+    wait_until(lambda: not cri_containerd.bundle(pod.id).exists(), 30, "CRI to delete the sandbox task")
+    still_running()
+    cri_containerd.restart()
+    wait_until(lambda: _cri_ready(cri), 30, "CRI to recover")
+    assert cri.pod_status(pod.id)[0].state == NOTREADY
+    still_running()
+    assert shim_servers(shim_binary, pod.id)[0].pid == shim_pid
 
     cri.stop_pod(pod.id)
     for cid in ids:
@@ -70,6 +83,14 @@ def test_sandbox_killed_from_outside(cri: CriClient, busybox: str, handler: str,
     cri.remove_pod(pod.id)
     assert cri.list_containers(pod.id) == []
     wait_no_shim(shim_binary, pod.id)
+
+
+def _cri_ready(cri: CriClient) -> bool:
+    try:
+        cri.list_pods()
+        return True
+    except grpc.RpcError:
+        return False
 
 
 def test_pod_shim_killed(cri: CriClient, busybox: str, handler: str, shim_binary: str) -> None:

@@ -23,6 +23,8 @@ from harness.ctr import Ctr, cleanup_namespace
 from harness.images import BUSYBOX_BINARY, ImageTarball, build_busybox_tarball, import_image
 from harness.runtimes import PODSHIM, RUNC_V2, RUNTIMES, runtime_id
 
+from podshim.cli.install import host_handler
+
 __all__ = ["PODSHIM", "RUNC_V2", "RUNTIMES", "parametrize_runtimes", "runtime_id"]
 
 # Unique per session so that concurrent sessions on one machine never share cgroup dirs.
@@ -110,6 +112,16 @@ def ctr_factory(containerd: PrivateContainerd, busybox_image: ImageTarball) -> I
 def ctr(ctr_factory: CtrFactory) -> Ctr:
     """A ctr client for this test's own namespace, with busybox_image imported."""
     return ctr_factory()
+
+
+@pytest.fixture
+def host_options(tmp_path: Path) -> Path:
+    """The podshim-host handler's options file (what `podshim install` writes), with a directory
+    for hostprocess-rootfs-location: pass it with `ctr run --runtime-config-path` to make a
+    host-process pod, as CRI does for that handler."""
+    path = tmp_path / "podshim-host.toml"
+    path.write_text(host_handler(rootfs_locations=(str(tmp_path / "hostprocess"),)).options)
+    return path
 
 
 @pytest.fixture(params=RUNTIMES, ids=runtime_id)

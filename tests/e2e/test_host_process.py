@@ -7,20 +7,28 @@ install` writes for its podshim-host handler, as CRI would for that handler
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
+from google.protobuf.empty_pb2 import Empty
+from harness.containerd import PrivateContainerd
 from harness.ctr import Ctr
+from harness.poll import wait_until
 from harness.runtimes import PODSHIM
 
-from podshim.cli.install import host_handler
+from podshim.api import task_pb2
+from podshim.ttrpc.client import Client
 
 IMAGE = "docker.io/library/busybox:latest"
 CT = "io.kubernetes.cri.container-type"
 SID = "io.kubernetes.cri.sandbox-id"
 ROOTFS_LOCATION = "podshim.io/hostprocess-rootfs-location"
+TASK = "containerd.task.v2.Task"
 
 
 def annotations(**kv: str) -> list[str]:
@@ -28,14 +36,6 @@ def annotations(**kv: str) -> list[str]:
     for k, v in kv.items():
         out += ["--annotation", f"{k}={v}"]
     return out
-
-
-@pytest.fixture
-def host_options(tmp_path: Path) -> Path:
-    """The podshim-host handler's options file, with a directory for hostprocess-rootfs-location."""
-    path = tmp_path / "podshim-host.toml"
-    path.write_text(host_handler(rootfs_locations=(str(tmp_path / "hostprocess"),)).options)
-    return path
 
 
 def run_sandbox(
@@ -131,6 +131,13 @@ def test_host_process_pod(ctr: Ctr, tmp_path: Path, host_options: Path) -> None:
         or Path("/sys/fs/cgroup/cgroup.controllers").exists()
     )
 
+    # A terminal: the process's controlling tty (ctr resizes it only after Start), its own session.
+    res = ctr.run_tty("task", "exec", "-t", "--exec-id", "tty", "viewer", "sh", "-c",
+                      "tty; [ $$ = $(cut -d' ' -f6 /proc/$$/stat) ] && echo leader; exit 4")  # fmt: skip
+    assert res.rc == 4, res
+    lines = res.stdout.replace("\r", "").split("\n")
+    assert lines[0].startswith("/dev/pts/") and lines[1] == "leader", res.stdout
+
     # A mixed pod is refused: a container that opts out of being a host process.
     rc, _, err = run_workload(
         ctr, pod, "normal", "sleep", "600", options=host_options, **{"podshim.io/host-process": "false"}
@@ -223,3 +230,95 @@ def test_rootfs_location_only_where_the_admin_allows(ctr: Ctr, tmp_path: Path, h
     remove(ctr, "placed")
     assert not (location / "placed").exists(), "the mount point the shim made is removed"
     remove(ctr, pod)
+
+
+def _created_workload_bundle(base: Path, ctr: Ctr, pod: str, cid: str, args: list[str]) -> Path:
+    """A bundle for a host-process workload that this test creates on the shim itself: ctr has
+    no way to create a task without starting it."""
+    bundle = base / cid
+    (bundle / "rootfs").mkdir(parents=True)
+    spec = {
+        "ociVersion": "1.0.2",
+        "process": {"args": args, "env": ["PATH=/usr/bin:/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+        "annotations": {CT: "container", SID: pod, "podshim.io/isolation": "host"},
+        "linux": {"cgroupsPath": f"/{ctr.namespace}/{cid}"},
+    }
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def _fds(pid: int) -> list[int]:
+    return sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+def _at_the_gate(pid: int) -> bool:
+    """Blocked reading the gate (fd 4) before exec: `read` is syscall 0 on x86-64."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().startswith("0 0x4 ")
+    except OSError:
+        return False
+
+
+async def _signal_a_created_init(sock: str, pod: str, cid: str, bundle: Path, sig: int) -> None:
+    client = await Client.connect(sock)
+    try:
+        req = task_pb2.CreateTaskRequest(id=cid, bundle=str(bundle))
+        created = await client.call(TASK, "Create", req, task_pb2.CreateTaskResponse)
+        state = await client.call(TASK, "State", task_pb2.StateRequest(id=cid), task_pb2.StateResponse)
+        assert (state.status, state.pid) == (1, created.pid)  # CREATED, with its real pid
+        await asyncio.to_thread(wait_until, lambda: _at_the_gate(created.pid), 30, "the gate")
+        # Nothing of the shim in it: default signal dispositions, an empty mask, its own session,
+        # stdio and no other descriptor but the gate's own (3-5, closed by the exec).
+        status = Path(f"/proc/{created.pid}/status").read_text()
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        assert int(fields["SigBlk"], 16) == 0 and int(fields["SigIgn"], 16) == 0, status
+        assert os.getsid(created.pid) == created.pid
+        assert _fds(created.pid) == [0, 1, 2, 4, 5]
+
+        os.kill(created.pid, sig)
+        waited = await asyncio.wait_for(
+            client.call(TASK, "Wait", task_pb2.WaitRequest(id=cid), task_pb2.WaitResponse), 30
+        )
+        assert waited.exit_status == 128 + sig
+        # The shim is alive and serves: its sandbox and the stopped task both answer.
+        sandbox = await client.call(TASK, "State", task_pb2.StateRequest(id=pod), task_pb2.StateResponse)
+        assert sandbox.status == 2  # RUNNING
+        state = await client.call(TASK, "State", task_pb2.StateRequest(id=cid), task_pb2.StateResponse)
+        assert (state.status, state.exit_status) == (3, 128 + sig)
+        await client.call(TASK, "Delete", task_pb2.DeleteRequest(id=cid), task_pb2.DeleteResponse)
+
+        # Started, the workload is what the gate exec'd: same pid, and still nothing of the shim.
+        created = await client.call(TASK, "Create", req, task_pb2.CreateTaskResponse)
+        started = await client.call(TASK, "Start", task_pb2.StartRequest(id=cid), task_pb2.StartResponse)
+        assert started.pid == created.pid
+        assert Path(f"/proc/{started.pid}/comm").read_text().strip() == "sleep"
+        status = Path(f"/proc/{started.pid}/status").read_text()
+        assert "SigBlk:\t0000000000000000" in status and "SigIgn:\t0000000000000000" in status, status
+        # (The dynamic loader opens libraries for a moment after exec: wait for it to settle.)
+        await asyncio.to_thread(wait_until, lambda: _fds(started.pid) == [0, 1, 2], 10, "stdio only")
+        await client.call(TASK, "Kill", task_pb2.KillRequest(id=cid, signal=9), Empty)
+        await client.call(TASK, "Wait", task_pb2.WaitRequest(id=cid), task_pb2.WaitResponse)
+        await client.call(TASK, "Delete", task_pb2.DeleteRequest(id=cid), task_pb2.DeleteResponse)
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_to_a_created_host_process_leaves_the_shim_serving(
+    containerd: PrivateContainerd, ctr: Ctr, tmp_path: Path, host_options: Path, sig: signal.Signals
+) -> None:
+    """The shim itself stops on SIGTERM and SIGINT: the same signal sent to a created process
+    ends that process alone."""
+    pod = "hostpod-term"
+    rc, _, err = run_sandbox(ctr, pod, host_options)
+    assert rc == 0, err
+    ctr.wait_task_status(pod, "RUNNING")
+    shim = task_pid(ctr, pod)
+    sock = (containerd.state / "io.containerd.runtime.v2.task" / ctr.namespace / pod / "address").read_text()
+    bundle = _created_workload_bundle(tmp_path, ctr, pod, "held", ["sleep", "600"])
+    asyncio.run(_signal_a_created_init(sock.removeprefix("unix://"), pod, "held", bundle, sig))
+    assert Path(f"/proc/{shim}").exists(), "the shim died of a signal sent to its child"
+    assert ctr.task_status(pod) == "RUNNING"
+    assert ctr.check("task", "ls")  # containerd still reaches the shim
+    remove(ctr, pod)
+    wait_until(lambda: not Path(f"/proc/{shim}").exists(), 15, "the shim to exit")

@@ -4,6 +4,7 @@ input sent straight to the shim's socket with our own ttrpc client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -14,18 +15,23 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.empty_pb2 import Empty as _Empty
+from harness import leaks
 from harness.containerd import PrivateContainerd
 from harness.ctr import Ctr
+from harness.poll import wait_until
 from harness.runtimes import PODSHIM, RUNC_V2
 
 from podshim import errdefs
 from podshim.api import task_pb2
 from podshim.ttrpc.client import Client
 from podshim.ttrpc.codec import MAX_MESSAGE
+from podshim.vm import qemu
 
 IMAGE = "docker.io/library/busybox:latest"
 TASK = "containerd.task.v2.Task"
 PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+CT = "io.kubernetes.cri.container-type"
+SID = "io.kubernetes.cri.sandbox-id"
 
 
 def bundle(cd: PrivateContainerd, ctr: Ctr, cid: str) -> Path:
@@ -208,3 +214,81 @@ def test_bad_input_gets_clear_errors_and_shim_keeps_serving(containerd: PrivateC
     # containerd still drives the task normally through the same shim.
     assert ctr.check("task", "exec", "--exec-id", "ok", "target", "echo", "fine").strip() == "fine"
     finish(ctr, "target")
+
+
+def _pod_args(pod: str, kind: str, isolation: str, host_options: Path) -> list[str]:
+    """ctr run's runtime flags for a pod's sandbox or container: CRI's annotations, and for a
+    host-process pod the admin's host handler options (the annotation alone is refused)."""
+    ann = {CT: kind, SID: pod}
+    if isolation != "host":
+        ann["podshim.io/isolation"] = isolation
+    opts = ["--runtime-config-path", str(host_options)] if isolation == "host" else []
+    return ["--runtime", PODSHIM, *opts, *(a for k, v in ann.items() for a in ("--annotation", f"{k}={v}"))]
+
+
+def _pod_processes(pod_tasks: list[int]) -> set[int]:
+    """The tasks' pids and every descendant that is still theirs (a daemonised one included,
+    through /proc/<pid>/task/*/children at the time of the call)."""
+    found: set[int] = set()
+    todo = list(pod_tasks)
+    while todo:
+        pid = todo.pop()
+        if pid in found or not os.path.exists(f"/proc/{pid}"):
+            continue
+        found.add(pid)
+        for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for whichever ancestor reaps orphans."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("isolation", ["process", "host", "vm"])
+def test_killed_pod_shim_leaves_nothing(
+    containerd: PrivateContainerd, ctr: Ctr, isolation: str, host_options: Path
+) -> None:
+    """SIGKILL a pod's shim in each isolation mode: containerd's `delete` action (once per task)
+    leaves no process (a daemonised one included), cgroup, mount, socket, VM run dir or qemu.
+    The e2e guard checks processes, mounts, sockets, bundles and cgroups; this test checks the
+    pod's own processes, qemu and the VM run dir as well."""
+    pod, app = f"killed-{isolation}", f"killed-{isolation}-app"
+    timeout = 240 if isolation == "vm" else 30
+    ctr.check("run", "-d", *_pod_args(pod, "sandbox", isolation, host_options), IMAGE, pod,
+              "sleep", "600", timeout=timeout)  # fmt: skip
+    ctr.wait_task_status(pod, "RUNNING", timeout=timeout)
+    # A grandchild that leaves its parent's session and process tree, as daemons do.
+    ctr.check("run", "-d", *_pod_args(pod, "container", isolation, host_options), IMAGE, app,
+              "sh", "-c", "(setsid sleep 600 &); exec sleep 600", timeout=timeout)  # fmt: skip
+    ctr.wait_task_status(app, "RUNNING", timeout=timeout)
+    sock = shim_socket(containerd, ctr, pod)
+    assert shim_socket(containerd, ctr, app) == sock, "one shim for the pod"
+    app_pid = task_pid(ctr, app)
+    shim = parent_pid(app_pid) if isolation != "vm" else parent_pid(leaks.qemu_pids()[0])
+    assert "containerd-shim" in Path(f"/proc/{shim}/cmdline").read_text()
+    deadline = time.monotonic() + 10
+    expected = {"process": 3, "host": 2, "vm": 1}[isolation]  # the pause-like init has no process on host
+    while len(processes := _pod_processes([shim]) - {shim}) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)  # the grandchild is on its way
+    assert len(processes) == expected, processes
+    run_dir = qemu.run_dir_for(pod)
+    assert os.path.isdir(run_dir) == (isolation == "vm")
+
+    with ctr.events().start() as events:
+        os.kill(shim, signal.SIGKILL)
+        for cid in (pod, app):
+            events.wait_for(lambda e, c=cid: e.topic == "/tasks/exit" and e.container_id == c, timeout=30)
+    wait_until(
+        lambda: ctr.task_status(app) is None and ctr.task_status(pod) is None, 30, "containerd to forget"
+    )
+    wait_until(lambda: not any(_alive(p) for p in processes), 15, "the pod's processes to go")
+    ctr.check("container", "rm", app, pod)
+    assert not leaks.qemu_pids(), "qemu outlived the shim's clean-up"
+    assert not os.path.exists(run_dir), "the VM run dir outlived the shim's clean-up"
+    assert not os.path.exists(sock) and not os.path.exists(sock + ".lock"), "the dead shim's socket is left"

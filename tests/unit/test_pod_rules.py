@@ -233,6 +233,17 @@ async def test_kill_all_on_sandbox_signals_workloads_concurrently_then_sandbox()
         assert w.tasks[tid].kills == [("", 9, True)]
 
 
+async def test_kill_all_on_an_exited_sandbox_signals_only_the_sandbox() -> None:
+    """CRI's handling of a sandbox exit ends with a kill-all on it: the workloads stay."""
+    w = World()
+    pod = await w.pod()
+    c1 = await w.workload(pod, "c1")
+    w.tasks[POD].init.state = ExecState.EXITED
+    await pod.kill_task(POD, "", 9, True)
+    assert c1.kills == []
+    assert w.tasks[POD].kills == [("", 9, True)]
+
+
 async def test_kill_all_on_workload_signals_only_that_workload() -> None:
     w = World()
     pod = await w.pod()
@@ -291,8 +302,9 @@ async def test_pod_alive_while_workloads_remain() -> None:
 # -- sandbox exit ------------------------------------------------------------------------------------
 
 
-async def test_sandbox_exit_kills_running_workloads() -> None:
+async def _sandbox_exits(owned: bool) -> tuple[FakeTask, FakeTask]:
     w = World()
+    w.backend.sandbox_owns_workloads = owned
     pod = await w.pod()
     c1 = await w.workload(pod, "c1")
     c2 = await w.workload(pod, "c2", running=False)
@@ -302,8 +314,27 @@ async def test_sandbox_exit_kills_running_workloads() -> None:
     sandbox.init.done.set()
     for _ in range(10):
         await asyncio.sleep(0)
+    return c1, c2
+
+
+async def test_sandbox_exit_kills_running_workloads_where_it_owns_them() -> None:
+    c1, c2 = await _sandbox_exits(owned=True)  # a VM pod
     assert c1.kills == [("", 9, True)]
     assert c2.kills == []
+
+
+async def test_sandbox_exit_leaves_workloads_it_does_not_own() -> None:
+    c1, c2 = await _sandbox_exits(owned=False)  # process (runc-v2) and host (the seed) pods
+    assert c1.kills == [] and c2.kills == []
+
+
+def test_only_the_vm_sandbox_owns_its_workloads() -> None:
+    from podshim.backends.host.backend import HostBackend
+    from podshim.backends.runc.backend import RuncBackend
+    from podshim.backends.vm.backend import VMBackend
+
+    owners = {b.name: b.sandbox_owns_workloads for b in (HostBackend, RuncBackend, VMBackend)}
+    assert owners == {"host": False, "process": False, "vm": True}
 
 
 # -- host-process pods ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 
 from podshim import errdefs, oci, policy
 from podshim.backends.base import Backend, Container, ContainerRequest, PipedProcess, Process, ProcessGone
+from podshim.backends.host import leftovers
 from podshim.backends.host.launch import Held, LaunchSpec, env_of, rlimits_of, spawn_held
 from podshim.backends.host.sandbox import SandboxHolder
 from podshim.options import ShimOptions
@@ -134,6 +135,7 @@ class HostContainer(Container):
 
     async def create(self) -> None:
         try:
+            self._record()
             if self.req.rootfs:
                 if not os.path.isdir(self.mount_point):
                     os.makedirs(self.mount_point, mode=0o755)
@@ -191,6 +193,10 @@ class HostContainer(Container):
         await self.init.close()
         await self._release_resources()
 
+    def _record(self) -> None:
+        made = bool(self.req.rootfs) and not os.path.isdir(self.mount_point)
+        leftovers.write(self.req.bundle, self.cgroup, self.mount_point, made)
+
     async def _release_resources(self) -> None:
         with contextlib.suppress(OSError):  # as before: a cgroup that will not go is left, not fatal
             await cgroups.remove(self.cgroup)
@@ -201,6 +207,8 @@ class HostContainer(Container):
             with contextlib.suppress(OSError):
                 os.rmdir(self.mount_point)
             self._made_mount_point = False
+        if not self.cgroup.exists():
+            leftovers.forget(self.req.bundle)
 
 
 def _cgroupfs_path(path: str, namespace: str, cid: str) -> str:
@@ -235,5 +243,3 @@ class HostBackend(Backend):
 
     async def close(self) -> None:
         self.oom.close()
-
-

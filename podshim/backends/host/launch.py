@@ -1,8 +1,13 @@
 """Starting a host process the way runc starts a container: created first, run later.
 
-The child is forked at Create, sets itself up (session, cgroup, identity, limits, stdio), then
-blocks on a pipe; Start releases it to exec.  So a host-process task has its real pid from
-Create on, like a runc task, and a failed exec (a missing binary) is reported by Start.
+At Create the shim ``posix_spawn``s the gate (``gate.py``, a separate stdlib program) with its
+own session, default signal dispositions, an empty signal mask and only the descriptors it
+needs, and moves it into the container's cgroup; the gate applies identity and limits, then
+blocks on a pipe.  Start releases it to exec the workload in its own place.  So a host-process
+task has its real pid from Create on, like a runc task, a failed exec (a missing binary) is
+reported by Start, and nothing of the shim (its signal handlers, its asyncio wakeup fd, its
+descriptors) is ever shared with the workload: a signal sent to a created process is that
+process's own business.
 """
 
 from __future__ import annotations
@@ -10,17 +15,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import marshal
 import os
 import resource
-import termios
+import signal
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from podshim import errdefs
+from podshim.backends.host import gate
 from podshim.system import cgroups
 from podshim.system.reaper import REAPER, Exit
 
 _RLIMITS = {name: getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_")}
+
+# Read once, with the backend: a shim that outlives a package upgrade keeps its own gate.
+with open(gate.__file__, encoding="utf-8") as _f:
+    GATE_SOURCE = _f.read()
 
 
 @dataclass
@@ -63,8 +75,9 @@ class Held:
     _errors: int
 
     async def release(self) -> None:
-        """Let the child exec; raise with its message if the exec fails."""
-        os.write(self._release, b"x")
+        """Let the gate exec the workload; raise with its message if that fails."""
+        with contextlib.suppress(BrokenPipeError):  # the gate failed already: its message says why
+            os.write(self._release, b"x")
         os.close(self._release)
         loop = asyncio.get_running_loop()
         os.set_blocking(self._errors, False)
@@ -96,50 +109,71 @@ class Held:
                 os.close(fd)
 
 
+def _gate_spec(spec: LaunchSpec) -> bytes:
+    return marshal.dumps(
+        {
+            "args": spec.args,
+            "env": spec.env,
+            "cwd": spec.cwd,
+            "uid": spec.uid,
+            "gid": spec.gid,
+            "groups": spec.additional_gids,
+            "rlimits": spec.rlimits,
+            "tty": spec.tty_slave is not None,
+        }
+    )
+
+
+def _high(fd: int) -> int:
+    """A close-on-exec copy above the gate's fixed descriptors, so no file action clobbers a
+    source that a later one still needs."""
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16)
+
+
 def spawn_held(spec: LaunchSpec) -> Held:
-    """Fork the child and leave it waiting for release().  The caller runs no other threads."""
+    """Spawn the gate for ``spec``, in its cgroup, waiting for release()."""
+    memfd = os.memfd_create("podshim-launch", os.MFD_CLOEXEC)
     hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child; only exec or _exit leave this branch
-        try:
-            _child(spec, hold_r, err_w)
-        except BaseException as e:
-            msg = f"{e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
-            try:
-                os.write(err_w, f"exec {spec.args[0] if spec.args else '?'}: {msg}".encode())
-            finally:
-                os._exit(127)
-    os.close(hold_r)
-    os.close(err_w)
+    sources: list[int] = []
+    try:
+        os.write(memfd, _gate_spec(spec))
+        os.lseek(memfd, 0, os.SEEK_SET)
+        if spec.tty_slave is not None:
+            stdio = (spec.tty_slave,) * 3
+        elif spec.stdio is not None:
+            stdio = spec.stdio
+        else:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            sources.append(null)
+            stdio = (null,) * 3
+        fixed = [_high(fd) for fd in (*stdio, memfd, hold_r, err_w)]  # the gate's 0..5
+        sources += fixed
+        actions = [(os.POSIX_SPAWN_DUP2, src, target) for target, src in enumerate(fixed)]
+        pid = os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-I", "-S", "-c", GATE_SOURCE],
+            {},
+            file_actions=actions,
+            setsid=True,
+            setsigdef=signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP},
+            setsigmask=(),
+        )
+    except BaseException:
+        for fd in (hold_w, err_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (memfd, hold_r, err_w, *sources):
+            os.close(fd)
     # Claimed before any await: the reaper cannot have seen this child yet.
-    return Held(pid, REAPER.claim_future(pid), hold_w, err_r)
-
-
-def _child(spec: LaunchSpec, hold_r: int, err_w: int) -> None:
-    os.setsid()
+    held = Held(pid, REAPER.claim_future(pid), hold_w, err_r)
     if spec.cgroup is not None:
-        cgroups.join(spec.cgroup)
-    if spec.tty_slave is not None:
-        for fd in (0, 1, 2):
-            os.dup2(spec.tty_slave, fd)
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-    elif spec.stdio is not None:
-        for i, fd in enumerate(spec.stdio):
-            os.dup2(fd, i)
-    else:
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-    for res, soft, hard in spec.rlimits:
-        resource.setrlimit(res, (soft, hard))
-    if spec.gid is not None:
-        os.setgroups(spec.additional_gids)
-        os.setgid(spec.gid)
-    if spec.uid is not None:
-        os.setuid(spec.uid)
-    os.chdir(spec.cwd)
-    # Wait for Start.  EOF without a byte means the shim dropped the process: do not run it.
-    if os.read(hold_r, 1) != b"x":
-        os._exit(0)
-    os.execvpe(spec.args[0], spec.args, spec.env)
+        try:
+            cgroups.join(spec.cgroup, pid)
+        except OSError:
+            held.abandon()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            raise
+    return held

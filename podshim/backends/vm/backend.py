@@ -358,6 +358,7 @@ class VMBackend(Backend):
     name = "vm"
     # Stats decoding, the pod network (only VM pods pay for pyroute2).
     lazy_modules = ("google.protobuf.json_format", "podshim.api.cgroups_v2_pb2", "pyroute2")
+    sandbox_owns_workloads = True
 
     def __init__(
         self,

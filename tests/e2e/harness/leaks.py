@@ -6,7 +6,8 @@ test runs, a system containerd) may share the machine:
     container processes, recognised by a cgroup path under the session's cgroup prefix (containers
     have mount namespaces of their own);
   * mounts under the containerd dir and under our private /run;
-  * unix sockets and runc state dirs under our private /run/containerd, and task bundles;
+  * unix sockets (and podshim's shim lock files) under our private /run/containerd and
+    /run/podshim/s, runc state dirs, and task bundles;
   * cgroup dirs under /sys/fs/cgroup/<hierarchy>/<prefix>*.
 """
 
@@ -25,6 +26,8 @@ from .containerd import mounts_under, umount_all_under
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 RUN_CONTAINERD = Path("/run/containerd")
+PODSHIM_SOCKETS = Path("/run/podshim/s")  # a shim's socket when the state dir's path is too long
+SHIM_LOCK_SUFFIX = ".lock"
 
 
 @dataclass(frozen=True, order=True)
@@ -132,6 +135,7 @@ def session_processes(cgroup_prefix: str, ignore_pids: Iterable[int] = ()) -> fr
 
 
 def _sockets_under(root: Path) -> set[str]:
+    """Unix sockets, and the lifetime lock files podshim keeps beside its shims' sockets."""
     out: set[str] = set()
     if not root.is_dir():
         return out
@@ -139,7 +143,8 @@ def _sockets_under(root: Path) -> set[str]:
         for f in files:
             p = os.path.join(dirpath, f)
             with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.lstat(p).st_mode):
+                shim_lock = f.endswith(SHIM_LOCK_SUFFIX) and os.path.basename(dirpath) == "s"
+                if shim_lock or stat.S_ISSOCK(os.lstat(p).st_mode):
                     out.add(p)
     return out
 
@@ -189,7 +194,9 @@ def take(*, base: Path, state: Path, cgroup_prefix: str, ignore_pids: Iterable[i
     return Snapshot(
         processes=session_processes(cgroup_prefix, ignore_pids),
         mounts=frozenset(mounts),
-        sockets=frozenset(_sockets_under(RUN_CONTAINERD) | _sockets_under(base)),
+        sockets=frozenset(
+            _sockets_under(RUN_CONTAINERD) | _sockets_under(base) | _sockets_under(PODSHIM_SOCKETS)
+        ),
         runc_state=frozenset(_children(RUN_CONTAINERD / "runc", 2)),
         bundles=frozenset(_children(state / "io.containerd.runtime.v2.task", 2)),
         cgroups=session_cgroups(cgroup_prefix),
