@@ -34,6 +34,28 @@ DEFAULT_DISABLED = (
 
 _MNT_DETACH = 2
 
+# podshim's entry point, as containerd finds it on its PATH: "warm" is what setup.sh installs (the
+# C entry point that hands actions to a zygote, podshim/shim/entry.c); "cold" puts the Python entry
+# point first under the same name, as on a machine without a compiler. scripts/test.sh runs the
+# differential tests both ways.
+SHIM_MODE_ENV = "PODSHIM_SHIM_MODE"
+SHIM_MODES = ("warm", "cold")
+PODSHIM_BINARY = "containerd-shim-podshim-v1"
+PODSHIM_PYTHON_ENTRY = VENV_BIN / (PODSHIM_BINARY + "-py")
+
+
+def default_shim_mode() -> str:
+    mode = os.environ.get(SHIM_MODE_ENV) or "warm"
+    if mode not in SHIM_MODES:
+        raise ValueError(f"{SHIM_MODE_ENV}={mode!r}: one of {SHIM_MODES}")
+    return mode
+
+
+def c_entry_point_built() -> bool:
+    """Whether setup.sh built the C entry point (it needs gcc); without it "warm" runs cold."""
+    with open(VENV_BIN / PODSHIM_BINARY, "rb") as f:
+        return f.read(4) == b"\x7fELF"
+
 
 def private_run_dir() -> str | None:
     """$PODSHIM_TEST_RUN_DIR if /run is currently a bind mount of it (the root conftest.py's doing)."""
@@ -99,6 +121,7 @@ class PrivateContainerd:
         extra_config: str = "",
         log_level: str = "debug",
         extra_path: Sequence[Path] = (VENV_BIN,),
+        shim_mode: str | None = None,
     ) -> None:
         self.base = Path(base) if base is not None else Path(tempfile.mkdtemp(prefix="podshim-ctrd-"))
         self.base.mkdir(parents=True, exist_ok=True)
@@ -106,6 +129,7 @@ class PrivateContainerd:
         self.extra_config = extra_config
         self.log_level = log_level
         self.extra_path = list(extra_path)
+        self.shim_mode = shim_mode or default_shim_mode()
         self.root = self.base / "root"
         self.state = self.base / "state"
         self.address = str(self.base / "c.sock")
@@ -151,8 +175,21 @@ class PrivateContainerd:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         # containerd resolves containerd-shim-<name>-<ver> via its PATH, so put the venv's first.
-        env["PATH"] = os.pathsep.join([*(str(p) for p in self.extra_path), env.get("PATH", "/usr/bin:/bin")])
+        path = [str(p) for p in self.extra_path]
+        if self.shim_mode == "cold":
+            path.insert(0, str(self._cold_bin()))
+        env["PATH"] = os.pathsep.join([*path, env.get("PATH", "/usr/bin:/bin")])
+        env.pop(SHIM_MODE_ENV, None)
         return env
+
+    def _cold_bin(self) -> Path:
+        """A dir whose containerd-shim-podshim-v1 is the Python entry point."""
+        d = self.base / "cold-bin"
+        d.mkdir(exist_ok=True)
+        link = d / PODSHIM_BINARY
+        if not link.is_symlink():
+            link.symlink_to(PODSHIM_PYTHON_ENTRY)
+        return d
 
     # -- lifecycle -------------------------------------------------------------------------------
 
