@@ -84,10 +84,13 @@ else
 fi
 
 # The entry point containerd runs: a small C program (podshim/shim/entry.c) that hands each action
-# to this containerd's warm zygote and falls back to the Python entry point,
-# containerd-shim-podshim-v1-py, which pip installed beside it. Without gcc pip's Python script
-# stays under the name containerd runs: everything works, cold. Replaced only when the build
-# differs: a new binary is a new zygote key, which retires the running zygotes.
+# to this containerd's warm zygote and falls back to the Python entry point, which it finds as
+# podshim-cold/containerd-shim-podshim-v1 (a link to pip's containerd-shim-podshim-v1-py, so that
+# ps shows the same name either way). Without gcc pip's Python script stays under the name
+# containerd runs: everything works, cold. Replaced only when the build differs: a new binary is a
+# new zygote key, which retires the running zygotes.
+mkdir -p .venv/bin/podshim-cold
+ln -sfn ../containerd-shim-podshim-v1-py .venv/bin/podshim-cold/containerd-shim-podshim-v1
 if command -v gcc >/dev/null; then
   gcc -O2 -Wall -Werror -o .venv/.entry.new podshim/shim/entry.c
   if cmp -s .venv/.entry.new .venv/bin/containerd-shim-podshim-v1; then

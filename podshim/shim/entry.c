@@ -3,7 +3,8 @@
  * It hands the action to this containerd's warm podshim zygote (podshim/shim/zygote.py: the
  * protocol is described there) and exits with the action's exit code. When anything is off (no
  * zygote, a refusal, no answer within ANSWER_MS, a request too big) it execs the Python entry
- * point, <this binary>-py, which runs the action cold, exactly as it would without this program.
+ * point, <this dir>/podshim-cold/<this name>, which runs the action cold, exactly as it would
+ * without this program (and shows the same name in ps).
  * No logic beyond that: scripts/setup.sh builds it with gcc when a compiler is there. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,8 +31,9 @@ extern char **environ;
 static char self[PATH_MAX];
 
 static void cold(char **argv) {
-    char path[PATH_MAX + 4];
-    snprintf(path, sizeof path, "%s-py", self);
+    char path[PATH_MAX + 16];
+    char *slash = strrchr(self, '/');
+    snprintf(path, sizeof path, "%.*s/podshim-cold%s", (int)(slash - self), self, slash);
     execv(path, argv);
     fprintf(stderr, "containerd-shim-podshim-v1: exec %s: %s\n", path, strerror(errno));
     exit(1);
@@ -66,8 +68,8 @@ static int add(char *buf, size_t *len, const char *s) {
 }
 
 int main(int argc, char **argv) {
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 4);
-    if (n <= 0) {
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0 || self[0] != '/') {
         fprintf(stderr, "containerd-shim-podshim-v1: /proc/self/exe: %s\n", strerror(errno));
         return 1;
     }

@@ -12,7 +12,8 @@ namespaces), takes on the caller's stdio, cwd, umask, environment, rlimits, cgro
 command line, and answers ``A`` (accepted) or ``N`` (refused). The entry point answers ``G``
 (go); only then does the worker run the action, through the same :func:`main.run` as the
 cold path, and send the exit code as one byte. A refusal, silence for a few milliseconds, or
-anything else off, and the entry point runs the action cold (``containerd-shim-podshim-v1-py``).
+anything else off, and the entry point runs the action cold: it execs the Python entry point,
+``podshim-cold/containerd-shim-podshim-v1`` in its own dir (setup.sh links it there).
 Because nothing runs before ``G``, an action never runs twice.
 
 ``key`` is the entry point binary's inode and mtime: installing a new version makes a new key,
@@ -35,7 +36,7 @@ MAGIC = 0x315A5350  # "PSZ1", little-endian
 HEADER = struct.Struct("=4I")
 MAX_REQUEST = 64 * 1024  # entry.c's MAX_REQUEST
 FD_COUNT = 4  # stdin, stdout, stderr, cwd
-FALLBACK_SUFFIX = "-py"  # the Python entry point beside the C one
+COLD_DIR = "podshim-cold"  # <dir>/podshim-cold/<name>: the Python entry point, fallback of <dir>/<name>
 DEFAULT_IDLE = 600.0  # seconds without a request before the zygote exits
 IDLE_ENV = "PODSHIM_ZYGOTE_IDLE"
 TICK = 2.0  # how often the zygote checks that its socket is still its own
@@ -72,12 +73,13 @@ def _answers(path: str) -> bool:
 
 
 def spawn_if_missing(script: str) -> None:
-    """After a cold ``start`` through the C entry point's fallback (``script`` ends in ``-py``):
-    start this containerd's zygote, detached, unless one answers already."""
-    if not script.endswith(FALLBACK_SUFFIX):
+    """After a cold ``start`` that the C entry point fell back to (``script`` is
+    ``<dir>/podshim-cold/<name>``): start this containerd's zygote, detached, unless one answers."""
+    cold_dir, name = os.path.split(script)
+    if os.path.basename(cold_dir) != COLD_DIR:
         return  # the Python entry point alone: there is no C client to serve
     try:
-        path = socket_path(os.getcwd(), key_of(script.removesuffix(FALLBACK_SUFFIX)))
+        path = socket_path(os.getcwd(), key_of(os.path.join(os.path.dirname(cold_dir), name)))
         if path is None or _answers(path):
             return
         parent = os.getppid()

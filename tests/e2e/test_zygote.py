@@ -24,7 +24,7 @@ import pytest
 from harness import leaks
 from harness.containerd import (
     PODSHIM_BINARY,
-    PODSHIM_PYTHON_ENTRY,
+    PODSHIM_COLD_DIR,
     VENV_BIN,
     PrivateContainerd,
     c_entry_point_built,
@@ -118,8 +118,10 @@ def server_pid(cid: str) -> int:
             args = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")[:-1]
         except OSError:
             continue
-        if any(PODSHIM_BINARY in a for a in args[:2]) and args[-1:] == ["start"] and f"-id\0{cid}\0" in (
-            "\0".join(args) + "\0"
+        if (
+            any(PODSHIM_BINARY in a for a in args[:2])
+            and args[-1:] == ["start"]
+            and f"-id\0{cid}\0" in ("\0".join(args) + "\0")
         ):
             return int(entry)
     raise AssertionError(f"no podshim server for {cid} among {_podshim_processes()}")
@@ -168,7 +170,6 @@ def _environ(pid: int) -> dict[str, str]:
 def _describe(pid: int, cid: str, cd: PrivateContainerd, namespace: str) -> dict[str, object]:
     assert cd.pid is not None
     args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
-    args[1] = os.path.realpath(args[1])  # cold mode names the Python entry point through a symlink
     norm = {cd.address: "<address>", cid: "<id>", namespace: "<ns>"}
     env, containerd_env = _environ(pid), _environ(cd.pid)
     pgrep = subprocess.run(["pgrep", "-f", "containerd-shim-podshim"], capture_output=True, text=True).stdout
@@ -196,7 +197,7 @@ def test_forked_server_is_indistinguishable_from_a_cold_one(
         cd, c = containerds(mode)
         cid, pid = _warm_server(c, busybox_image.ref, f"ind-{mode}-", want_warm=mode == "warm")
         c.task_status(cid)  # one more round trip: the server's connections are all made
-        wait_until(lambda: any("eventpoll" in f for f in _fds(pid, cd)), 10, "the server's event loop")
+        wait_until(lambda p=pid, d=cd: any("eventpoll" in f for f in _fds(p, d)), 10, "the server's loop")
         seen[mode] = _describe(pid, cid, cd, c.namespace)
     assert seen["warm"] == seen["cold"]
     assert seen["warm"]["env added to containerd's"] == ["GOMAXPROCS", "TTRPC_ADDRESS"]
@@ -204,7 +205,9 @@ def test_forked_server_is_indistinguishable_from_a_cold_one(
     assert seen["warm"]["pgrep -f containerd-shim-podshim"] is True
 
 
-def test_zygote_killed_mid_run_costs_only_speed(containerds: Containerds, busybox_image: ImageTarball) -> None:
+def test_zygote_killed_mid_run_costs_only_speed(
+    containerds: Containerds, busybox_image: ImageTarball
+) -> None:
     cd, c = containerds("warm")
     c.check("run", "--rm", "--runtime", PODSHIM, busybox_image.ref, "first", "true")
     wait_until(lambda: _zygotes(cd), 30, "a zygote for the new containerd")
@@ -272,14 +275,20 @@ class FakeBundle:
         runc = tmp / "fake-runc"
         runc.write_text(f"#!/bin/sh\necho $PPID >> {self.parents}\n")
         runc.chmod(0o755)
-        (self.path / "options.json").write_text(json.dumps({"binary_name": str(runc), "root": str(tmp / "runc-root")}))
+        options = {"binary_name": str(runc), "root": str(tmp / "runc-root")}
+        (self.path / "options.json").write_text(json.dumps(options))
 
     def delete(self, *prefix: str) -> tuple[bool, task_pb2.DeleteResponse]:
         """Run the delete action through the entry point; (whether a zygote ran it, its reply)."""
         self.parents.unlink(missing_ok=True)
         argv = [*prefix, str(ENTRY), "-namespace", "ns", "-address", "/fake/c.sock", "-id", "c1"]
-        proc = subprocess.Popen([*argv, "-bundle", str(self.path), "delete"], cwd=self.path,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        proc = subprocess.Popen(
+            [*argv, "-bundle", str(self.path), "delete"],
+            cwd=self.path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert err == b""
@@ -294,7 +303,7 @@ def own_zygote(bundle: Path, key: str, idle: float = 120.0) -> Iterator[tuple[su
     keeper = subprocess.Popen(["sleep", "600"])
     start = Path(f"/proc/{keeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     argv = [str(VENV_BIN / "python"), "-P", "-m", "podshim.shim.zygote", path, f"{keeper.pid}:{start}",
-            str(PODSHIM_PYTHON_ENTRY), str(idle)]  # fmt: skip
+            str(PODSHIM_COLD_DIR / PODSHIM_BINARY), str(idle)]  # fmt: skip
     z = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
         yield z, path
@@ -313,12 +322,20 @@ def test_caller_in_another_namespace_runs_cold(tmp_path: Path, unshare: str) -> 
     bundle = FakeBundle(tmp_path)
     with own_zygote(bundle.path, zygote.key_of(str(ENTRY))):
         # Warm first, so that the refusal below is the zygote's and not its absence.
-        wait_until(lambda: bundle.delete()[0], 30, "a delete run by the zygote")
-        warm, reply = bundle.delete()
-        assert warm and reply.exit_status == 137
-        cold, reply = bundle.delete("unshare", unshare, "--")
-        assert not cold, f"a caller in another {unshare[2:]} namespace was served by the zygote"
-        assert reply.exit_status == 137
+        replies: list[task_pb2.DeleteResponse] = []
+        wait_until(lambda: _warm_into(bundle.delete(), replies), 30, "a delete run by the zygote")
+        # Several times: a zygote without the check would serve most of these (it just served one).
+        for _ in range(3):
+            cold, reply = bundle.delete("unshare", unshare, "--")
+            assert not cold, f"a caller in another {unshare[2:]} namespace was served by the zygote"
+            replies.append(reply)
+        assert [r.exit_status for r in replies] == [137] * 4
+
+
+def _warm_into(result: tuple[bool, task_pb2.DeleteResponse], replies: list[task_pb2.DeleteResponse]) -> bool:
+    if result[0]:
+        replies.append(result[1])
+    return result[0]
 
 
 def test_new_version_retires_the_old_zygote_and_idle_ends_it(tmp_path: Path) -> None:

@@ -36,12 +36,13 @@ _MNT_DETACH = 2
 
 # podshim's entry point, as containerd finds it on its PATH: "warm" is what setup.sh installs (the
 # C entry point that hands actions to a zygote, podshim/shim/entry.c); "cold" puts the Python entry
-# point first under the same name, as on a machine without a compiler. scripts/test.sh runs the
-# differential tests both ways.
+# point first under the same name (setup.sh's podshim-cold dir), as on a machine without gcc.
+# scripts/test.sh runs the differential tests both ways.
 SHIM_MODE_ENV = "PODSHIM_SHIM_MODE"
 SHIM_MODES = ("warm", "cold")
 PODSHIM_BINARY = "containerd-shim-podshim-v1"
-PODSHIM_PYTHON_ENTRY = VENV_BIN / (PODSHIM_BINARY + "-py")
+# The Python entry point under the shim's name, where the C one falls back to it.
+PODSHIM_COLD_DIR = VENV_BIN / "podshim-cold"
 
 
 def default_shim_mode() -> str:
@@ -177,19 +178,10 @@ class PrivateContainerd:
         # containerd resolves containerd-shim-<name>-<ver> via its PATH, so put the venv's first.
         path = [str(p) for p in self.extra_path]
         if self.shim_mode == "cold":
-            path.insert(0, str(self._cold_bin()))
+            path.insert(0, str(PODSHIM_COLD_DIR))
         env["PATH"] = os.pathsep.join([*path, env.get("PATH", "/usr/bin:/bin")])
         env.pop(SHIM_MODE_ENV, None)
         return env
-
-    def _cold_bin(self) -> Path:
-        """A dir whose containerd-shim-podshim-v1 is the Python entry point."""
-        d = self.base / "cold-bin"
-        d.mkdir(exist_ok=True)
-        link = d / PODSHIM_BINARY
-        if not link.is_symlink():
-            link.symlink_to(PODSHIM_PYTHON_ENTRY)
-        return d
 
     # -- lifecycle -------------------------------------------------------------------------------
 
