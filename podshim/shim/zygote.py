@@ -167,12 +167,10 @@ def serve(argv: list[str]) -> None:
     sock = _bind(path)  # first, so that the actions arriving while we load do not spawn more of us
     if sock is None:
         return
-    ino = _ino(path)
-    stop = False
+    ino, me = _ino(path), os.getpid()
 
     def on_term(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
+        raise SystemExit(0)  # through the finally below, which removes the socket
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
@@ -183,13 +181,14 @@ def serve(argv: list[str]) -> None:
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         poller.register(pidfd, select.POLLIN)
-        last = time.monotonic()
-        while not stop:
+        last = checked = time.monotonic()
+        while True:
             events = poller.poll(TICK * 1000)
+            now = time.monotonic()
             if any(fd == pidfd for fd, _ in events):
                 return  # containerd exited
             if events:
-                last = time.monotonic()
+                last = now
                 with contextlib.suppress(OSError):
                     conn, _ = sock.accept()
                     if os.fork() == 0:
@@ -197,10 +196,14 @@ def serve(argv: list[str]) -> None:
                         os.close(pidfd)
                         _worker(conn, script)
                     conn.close()
-            elif time.monotonic() - last > idle or _ino(path) != ino:
-                return  # idle, or retired by a newer version
+            if now - checked >= TICK:
+                checked = now
+                if _ino(path) != ino:
+                    return  # retired by a newer version (or our socket was removed)
+            if now - last > idle:
+                return
     finally:
-        if _ino(path) == ino:
+        if os.getpid() == me and _ino(path) == ino:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
