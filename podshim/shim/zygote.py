@@ -156,6 +156,9 @@ def serve(argv: list[str]) -> None:
     import select
     import signal
 
+    # No collection in here: a collection frees objects between long-lived ones, and the holes
+    # it leaves are filled by each child's first allocations, copying those pages (gc docs).
+    gc.disable()
     path, parent, script, idle = argv[0], argv[1], argv[2], float(argv[3])
     os.chdir("/")
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
@@ -177,7 +180,7 @@ def serve(argv: list[str]) -> None:
     try:
         _retire_others(path)
         _preload()
-        gc.freeze()  # the cyclic GC would otherwise write to every shared object's page
+        gc.freeze()  # the children's collections would otherwise write to every shared object's page
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         poller.register(pidfd, select.POLLIN)
@@ -355,6 +358,9 @@ def _cgroup_mount(controllers: str, path: str) -> str:
 
 def _worker(conn: socket.socket, script: str) -> None:
     """The forked child for one connection; never returns."""
+    import gc
+
+    gc.enable()
     code = 1
     try:
         try:
