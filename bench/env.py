@@ -175,13 +175,12 @@ def wait_for_zygote(state: Path, timeout: float = 60.0) -> None:
 
 
 def _zygote_answers(path: str) -> bool:
-    """A request the zygote refuses (no fds): an answer means its loop runs."""
+    """The zygote says "A" to a connection once its loop runs, that is once it has loaded."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.settimeout(5.0)
     try:
         s.connect(path)
-        s.send(b"warm?")
-        return s.recv(1) == b"N"
+        return s.recv(1) == b"A"
     except OSError:
         return False
     finally:

@@ -35,8 +35,8 @@ def socket_path(grpc_address: str, namespace: str, key: str, bundle: str) -> str
     return os.path.join(FALLBACK_DIR, digest[:48])
 
 
-def is_live(path: str, timeout: float = 0.1) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def is_live(path: str, timeout: float = 0.1, kind: int = socket.SOCK_STREAM) -> bool:
+    s = socket.socket(socket.AF_UNIX, kind)
     s.settimeout(timeout)
     try:
         s.connect(path)
@@ -47,24 +47,25 @@ def is_live(path: str, timeout: float = 0.1) -> bool:
         s.close()
 
 
-def listen(path: str) -> socket.socket | None:
-    """Bind and listen on path; None when a live shim already serves it (reuse it)."""
+def listen(path: str, kind: int = socket.SOCK_STREAM, backlog: int = 128) -> socket.socket | None:
+    """Bind and listen on path; None when a live shim already serves it (reuse it). The zygote
+    (zygote.py) listens the same way, with SOCK_SEQPACKET."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     for _ in range(2):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = socket.socket(socket.AF_UNIX, kind)
         try:
             s.bind(path)
         except OSError as e:
             s.close()
             if e.errno != errno.EADDRINUSE:
                 raise
-            if is_live(path):
+            if is_live(path, kind=kind):
                 return None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             continue
         os.chmod(path, 0o600)
-        s.listen(128)
+        s.listen(backlog)
         return s
     raise OSError(errno.EADDRINUSE, f"cannot listen on {path}")
 

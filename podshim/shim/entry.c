@@ -22,8 +22,9 @@
 #include <unistd.h>
 
 #ifndef ANSWER_MS
-#define ANSWER_MS 30 /* the zygote's accept-or-refuse; after that we run cold */
+#define ANSWER_MS 30 /* for the zygote's "A": it is alive; after that we run cold */
 #endif
+#define READY_MS 2000 /* for its worker's "R" (ready) or "N" (refused) */
 #define MAGIC 0x315A5350u /* "PSZ1" */
 #define MAX_REQUEST (64 * 1024)
 
@@ -58,6 +59,12 @@ static int zygote_path(struct sockaddr_un *sa) {
     return n > 0 && (size_t)n < sizeof sa->sun_path ? 0 : -1;
 }
 
+static int answered(int s, int ms, char want) {
+    char c = 0;
+    struct pollfd p = {.fd = s, .events = POLLIN};
+    return poll(&p, 1, ms) == 1 && recv(s, &c, 1, 0) == 1 && c == want;
+}
+
 static int add(char *buf, size_t *len, const char *s) {
     size_t n = strlen(s) + 1;
     if (*len + n > MAX_REQUEST)
@@ -75,9 +82,12 @@ int main(int argc, char **argv) {
     }
     self[n] = '\0';
 
+    /* The zygote's "A" (alive) before anything is sent: fds in flight to a zygote that never
+     * reads them would hold containerd's pipe open after a cold fallback. */
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-    if (zygote_path(&sa) < 0 || s < 0 || connect(s, (struct sockaddr *)&sa, sizeof sa) < 0)
+    if (zygote_path(&sa) < 0 || s < 0 || connect(s, (struct sockaddr *)&sa, sizeof sa) < 0 ||
+        !answered(s, ANSWER_MS, 'A'))
         cold(argv);
 
     static char buf[MAX_REQUEST];
@@ -117,13 +127,9 @@ int main(int argc, char **argv) {
         cold(argv);
     close(fds[3]);
 
-    /* Accepted or refused, within ANSWER_MS; then "go". The worker runs nothing before "go",
-     * so falling back cold up to here never runs the action twice. */
-    char answer = 0;
-    struct pollfd p = {.fd = s, .events = POLLIN};
-    if (poll(&p, 1, ANSWER_MS) != 1 || recv(s, &answer, 1, 0) != 1 || answer != 'A')
-        cold(argv);
-    if (send(s, "G", 1, MSG_NOSIGNAL) != 1)
+    /* Its worker is ready (not refused): "go". The worker runs nothing before "go", so falling
+     * back cold up to here never runs the action twice. */
+    if (!answered(s, READY_MS, 'R') || send(s, "G", 1, MSG_NOSIGNAL) != 1)
         cold(argv);
 
     unsigned char code;

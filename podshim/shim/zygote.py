@@ -2,17 +2,19 @@
 ``delete`` actions in forked children, so that no action pays for an interpreter start.
 
 containerd execs ``containerd-shim-podshim-v1`` (``podshim/shim/entry.c``), which connects to
-``<containerd state>/s/zygote-<key>`` and sends, in one ``SOCK_SEQPACKET`` message, its argv,
-environment and umask, with stdin, stdout, stderr and its cwd as ``SCM_RIGHTS`` fds:
+``<containerd state>/s/zygote-<key>`` (``SOCK_SEQPACKET``). The zygote answers ``A`` (alive) at
+once and forks a worker for the connection. Only then does the entry point send, in one message,
+its argv, environment and umask, with stdin, stdout, stderr and its cwd as ``SCM_RIGHTS`` fds
+(fds in flight to a zygote that never reads them would hold containerd's pipe open):
 
     header "=4I": MAGIC, umask, argc, envc; then argc + envc NUL-terminated strings
 
-The zygote forks a worker per connection. The worker checks the peer (same uid, same
-namespaces), takes on the caller's stdio, cwd, umask, environment, rlimits, cgroups and
-command line, and answers ``A`` (accepted) or ``N`` (refused). The entry point answers ``G``
-(go); only then does the worker run the action, through the same :func:`main.run` as the
-cold path, and send the exit code as one byte. A refusal, silence for a few milliseconds, or
-anything else off, and the entry point runs the action cold: it execs the Python entry point,
+The worker checks the peer (same uid, same namespaces), takes on the caller's stdio, cwd, umask,
+environment, rlimits, cgroups and command line, and answers ``R`` (ready) or ``N`` (refused).
+The entry point answers ``G`` (go); only then does the worker run the action, through the same
+:func:`main.run` as the cold path, and send the exit code as one byte. A refusal, no ``A``
+within a few milliseconds, or anything else off, and the entry point runs the action cold: it
+execs the Python entry point,
 ``podshim-cold/containerd-shim-podshim-v1`` in its own dir (setup.sh links it there).
 Because nothing runs before ``G``, an action never runs twice.
 
@@ -56,20 +58,18 @@ def socket_path(bundle: str, key: str) -> str | None:
     return path if len(path) <= address.MAX_SOCKET_PATH else None
 
 
-def _starttime(pid: int) -> str:
+def _stat(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat, indexed by proc(5)'s field numbers (comm, field 2, may hold anything)."""
     with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[19]
+        return ["", "", "", *f.read().rsplit(")", 1)[1].split()]
+
+
+def _starttime(pid: int) -> str:
+    return _stat(pid)[22]
 
 
 def _answers(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+    return address.is_live(path, kind=socket.SOCK_SEQPACKET)
 
 
 def spawn_if_missing(script: str) -> None:
@@ -117,22 +117,10 @@ def _preload() -> None:
 
 def _bind(path: str) -> socket.socket | None:
     """Listen on path; None when a live zygote holds it already."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    for _ in range(2):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            s.bind(path)
-        except OSError as e:
-            s.close()
-            if e.errno != errno.EADDRINUSE or _answers(path):
-                return None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            continue
-        os.chmod(path, 0o600)
-        s.listen(64)
-        return s
-    return None
+    try:
+        return address.listen(path, kind=socket.SOCK_SEQPACKET, backlog=64)
+    except OSError:
+        return None
 
 
 def _retire_others(path: str) -> None:
@@ -193,12 +181,7 @@ def serve(argv: list[str]) -> None:
             if events:
                 last = now
                 with contextlib.suppress(OSError):
-                    conn, _ = sock.accept()
-                    if os.fork() == 0:
-                        sock.close()
-                        os.close(pidfd)
-                        _worker(conn, script)
-                    conn.close()
+                    _fork_worker(sock, pidfd, script)
             if now - checked >= TICK:
                 checked = now
                 if _ino(path) != ino:
@@ -209,6 +192,16 @@ def serve(argv: list[str]) -> None:
         if os.getpid() == me and _ino(path) == ino:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+
+def _fork_worker(sock: socket.socket, pidfd: int, script: str) -> None:
+    conn, _ = sock.accept()
+    with conn:
+        conn.send(b"A")  # at once: the entry point waits only milliseconds for it
+        if os.fork() == 0:
+            sock.close()
+            os.close(pidfd)
+            _worker(conn, script)
 
 
 # -- a worker: one request -----------------------------------------------------------------------
@@ -282,8 +275,7 @@ def _become_caller(req: _Request, script: str) -> None:
     if score != current:  # lowering it needs CAP_SYS_RESOURCE: without, the caller runs cold
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write(score)
-    with open(f"/proc/{req.peer}/stat") as f:
-        main.caller_parent = int(f.read().rsplit(")", 1)[1].split()[1])
+    main.caller_parent = int(_stat(req.peer)[4])
     for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     sys.argv = [script, *req.argv[1:]]
@@ -314,8 +306,7 @@ def _set_proc_strings(argv: list[str], env: list[str]) -> None:
     _KEEP.extend(bufs)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.sbrk.restype = ctypes.c_void_p
-    with open("/proc/self/stat") as f:
-        stat = [0, 0, 0, 0, *map(int, f.read().rsplit(")", 1)[1].split()[1:])]  # stat[n]: field n, proc(5)
+    stat = [int(x) if x.isdigit() else 0 for x in _stat("self")]
     (args, args_len), (envs, envs_len) = bufs
     mm = MmMap(
         start_code=stat[26], end_code=stat[27], start_data=stat[45], end_data=stat[46],
@@ -373,7 +364,7 @@ def _worker(conn: socket.socket, script: str) -> None:
             with contextlib.suppress(OSError):
                 conn.send(b"N")
             os._exit(0)
-        conn.send(b"A")
+        conn.send(b"R")
         conn.settimeout(5.0)
         if conn.recv(1) != b"G":
             os._exit(0)  # the caller gave up on us and runs the action cold

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -347,3 +348,19 @@ def test_new_version_retires_the_old_zygote_and_idle_ends_it(tmp_path: Path) -> 
             assert not os.path.exists(old_path)
             wait_until(lambda: new.poll() is not None, 30, "the idle zygote to exit")
             assert not os.path.exists(new_path)
+
+
+def test_a_zygote_that_never_answers_costs_only_speed(tmp_path: Path) -> None:
+    """A socket at the zygote's path that never accepts (a zygote still loading, or wedged): the
+    action runs cold, and nothing it was handed stays in flight holding containerd's pipe open
+    (communicate() waits for EOF on stdout and stderr)."""
+    bundle = FakeBundle(tmp_path)
+    path = zygote.socket_path(str(bundle.path), zygote.key_of(str(ENTRY)))
+    assert path is not None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as wedged:
+        wedged.bind(path)
+        wedged.listen(8)
+        for _ in range(2):
+            warm, reply = bundle.delete()
+            assert not warm and reply.exit_status == 137
