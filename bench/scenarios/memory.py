@@ -21,7 +21,7 @@ from bench import whatif
 from bench.actions import Variant, cycle, group_of, importtime_profile, pyc_copy, warm_actions_zygote
 from bench.env import PODSHIM, RUNC, RUNTIMES, Env
 from bench.pods import add_containers, remove_pod, start_pod
-from bench.procs import Memory, fd_count, settle, shim_pid, thread_count
+from bench.procs import Memory, fd_count, forked_from_zygote, settle, shim_pid, thread_count
 from bench.stats import ScenarioResult, Summary
 
 NAME = "memory"
@@ -265,6 +265,7 @@ def _measure(live: dict[str, list[Pod]], notes: list[str]) -> dict[str, list[Mem
             notes.append(
                 f"memory: {rt} shim of pod {pod.name} with {len(pod.containers)} container(s): "
                 f"{fd_count(pid)} fds, {thread_count(pid)} threads"
+                + (", forked by the zygote" if forked_from_zygote(pid) else ", cold")
             )
     return out
 

@@ -18,9 +18,9 @@ import grpc  # type: ignore[import-untyped]
 from cri.client import Pod
 from cri.harness import shim_servers
 
-from bench.env import RUNTIMES, Env
+from bench.env import PODSHIM, RUNTIMES, Env
 from bench.pods import remove_pod, start_pod
-from bench.procs import Memory, settle, shim_pid
+from bench.procs import Memory, forked_from_zygote, settle, shim_pid
 from bench.stats import ScenarioResult, Summary
 
 NAME = "scale"
@@ -38,7 +38,7 @@ def run(env: Env, counts: tuple[int, ...] = (1, 10, 50, 100)) -> ScenarioResult:
             series[rt][n] = _one(env, rt, n, res.notes)
     res.details["series"] = {rt: {str(n): v for n, v in s.items()} for rt, s in series.items()}
     header = ["pods", "runtime", "total", "time/pod", "pod start p50", "p90", "shim RSS total", "PSS total",
-              "PSS/pod", "teardown/pod"]  # fmt: skip
+              "PSS/pod", "teardown/pod", "servers forked by the zygote"]  # fmt: skip
     rows = []
     for n in counts:
         for rt in order:
@@ -55,6 +55,7 @@ def run(env: Env, counts: tuple[int, ...] = (1, 10, 50, 100)) -> ScenarioResult:
                     f"{v['pss_total_kib'] / 1024:.0f} MiB",
                     f"{v['pss_per_pod_kib'] / 1024:.1f} MiB",
                     f"{v['teardown_per_pod_s'] * 1e3:.0f} ms",
+                    f"{v['forked_from_zygote']:.0f}/{n}" if rt == PODSHIM else "",
                 ]  # fmt: skip
             )
     res.tables["Scale (concurrency 4)"] = (header, rows)
@@ -111,7 +112,9 @@ def _one(env: Env, runtime: str, n: int, notes: list[str]) -> dict[str, float]:
             list(pool.map(start, range(n)))
         total = time.perf_counter() - t0
         settle(1.0)
-        mems = [Memory.of(shim_pid(binary, pod.id)) for pod in pods]
+        pids = [shim_pid(binary, pod.id) for pod in pods]
+        mems = [Memory.of(pid) for pid in pids]
+        warm = sum(forked_from_zygote(pid) for pid in pids)
     finally:
         t1 = time.perf_counter()
         with ThreadPoolExecutor(CONCURRENCY) as pool:
@@ -131,6 +134,7 @@ def _one(env: Env, runtime: str, n: int, notes: list[str]) -> dict[str, float]:
         "pss_per_pod_kib": sum(m.pss for m in mems) / n,
         "teardown_s": teardown,
         "teardown_per_pod_s": teardown / n,
+        "forked_from_zygote": float(warm),
     }
 
 
