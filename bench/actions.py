@@ -16,6 +16,7 @@ never sees them; podshim's socket goes to <that dir>/s, runc-v2's to the private
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from google.protobuf import empty_pb2
 
-from bench.env import Env, Runtime, shim_env
+from bench.env import PODSHIM, RUNTIMES, Env, Runtime, shim_env, wait_for_zygote
 from bench.procs import Memory
 from bench.ttrpc_raw import RawClient, RpcError
 from podshim.api import task_pb2
@@ -211,6 +212,16 @@ def cycle(env: Env, rt: Variant, task_id: str, memory: bool = True) -> Cycle:
         for bundle in (a, b):
             bundle.drain_log()
             bundle.remove()
+
+
+_warmups = itertools.count()
+
+
+def warm_actions_zygote(env: Env) -> None:
+    """The actions' fake bundles have a state dir of their own, and so a zygote of their own
+    (whose "containerd" is the bench): one podshim cycle spawns it, then wait until it serves."""
+    cycle(env, Variant.of(RUNTIMES[PODSHIM]), f"zwarm-act-{next(_warmups)}", memory=False)
+    wait_for_zygote(env.scratch / "actions")
 
 
 def find_server(basename: str, task_id: str, timeout: float = 10.0) -> int:

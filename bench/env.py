@@ -12,9 +12,11 @@ cgroups fall under the same `/sys/fs/cgroup/*/<prefix>1` tree that the leak chec
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from pathlib import Path
 import grpc  # type: ignore[import-untyped]
 from cri.client import CriClient
 from cri.harness import (
+    ANNOTATION_GLOB,
     CRI_NAMESPACE,
     PODSHIM_HANDLER,
     RUNC_HANDLER,
@@ -34,14 +37,20 @@ from cri.harness import (
 )
 from cri.images import PAUSE_REF, build_pause_tarball
 from harness import leaks
-from harness.containerd import private_run_dir
+from harness.containerd import PODSHIM_BINARY, PODSHIM_COLD_DIR, VENV_BIN, private_run_dir
 from harness.ctr import Ctr, cleanup_namespace
 from harness.images import BUSYBOX_REF, build_busybox_tarball, import_image
 
-# The two runtimes, by their short names: ctr runtime type, CRI handler, shim binary.
+from podshim.shim import zygote
+
+# The runtimes, by their short names: ctr runtime type, CRI handler, shim binary. podshim runs as
+# installed: the C entry point and the warm zygote. podshim-cold is its Python entry point alone,
+# under a runtime name of its own so that one containerd runs both (BenchEnv installs it).
 RUNC = "runc-v2"
 PODSHIM = "podshim"
+PODSHIM_COLD = "podshim-cold"
 ORDER = (RUNC, PODSHIM)  # the interleaving order: A = the reference, B = podshim
+WITH_COLD = (RUNC, PODSHIM, PODSHIM_COLD)  # A B C, where the cold path is shown too
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,25 @@ class Runtime:
 RUNTIMES = {
     RUNC: Runtime(RUNC, "io.containerd.runc.v2", RUNC_HANDLER, SHIM_BINARIES[RUNC_HANDLER]),
     PODSHIM: Runtime(PODSHIM, "io.containerd.podshim.v1", PODSHIM_HANDLER, SHIM_BINARIES[PODSHIM_HANDLER]),
+    PODSHIM_COLD: Runtime(
+        PODSHIM_COLD, "io.containerd.podshimcold.v1", "podshim-cold", "containerd-shim-podshimcold-v1"
+    ),
 }
+PYTHON_ENTRY = PODSHIM_COLD_DIR / PODSHIM_BINARY  # podshim's Python entry point (cold)
+
+
+def install_cold_runtime(cd: CriContainerd, bin_dir: Path) -> None:
+    """Before cd starts: podshim's Python entry point as runtime podshim-cold (ctr and CRI)."""
+    rt = RUNTIMES[PODSHIM_COLD]
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / rt.binary).symlink_to(PYTHON_ENTRY)
+    cd.extra_path.insert(0, bin_dir)
+    globs = f'["{ANNOTATION_GLOB}"]'
+    cd.extra_config += (
+        f'\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{rt.handler}]\n'
+        f'  runtime_type = "{rt.runtime_type}"\n'
+        f"  pod_annotations = {globs}\n  container_annotations = {globs}\n"
+    )
 
 
 @dataclass
@@ -69,7 +96,24 @@ class Env:
     smoke: bool = False
     # Set by BenchEnv: the bench owns containerd and may restart it at another log level.
     can_restart: bool = False
+    # Set by BenchEnv: containerd has the podshim-cold runtime too (install_cold_runtime).
+    has_cold: bool = False
     notes: list[str] = field(default_factory=list)
+    _warmups: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def compared(self) -> tuple[str, ...]:
+        """The runtimes of the scenarios that show podshim warm and cold."""
+        return WITH_COLD if self.has_cold else ORDER
+
+    def warm_zygote(self) -> None:
+        """Make sure podshim's zygote for this containerd is up and serving before podshim is
+        measured warm: a container through podshim spawns it if there is none (a cold start
+        does), then wait until the zygote answers."""
+        rt = RUNTIMES[PODSHIM]
+        name = f"zwarm-{next(self._warmups)}"
+        self.ctr.check("run", "--rm", "--runtime", rt.runtime_type, self.image, name, "true")
+        wait_for_zygote(self.cd.state)
 
     @property
     def scratch(self) -> Path:
@@ -115,6 +159,34 @@ class Env:
                 time.sleep(0.1)
 
 
+def wait_for_zygote(state: Path, timeout: float = 60.0) -> None:
+    """Wait until the zygote for containerd state dir `state` answers a request: its loop runs
+    once it has loaded everything. Nothing to wait for without a C entry point."""
+    entry = VENV_BIN / PODSHIM_BINARY
+    with open(entry, "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            return
+    path = state / "s" / f"zygote-{zygote.key_of(str(entry))}"
+    deadline = time.monotonic() + timeout
+    while not _zygote_answers(str(path)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"podshim's zygote {path} did not come up within {timeout}s")
+        time.sleep(0.1)
+
+
+def _zygote_answers(path: str) -> bool:
+    """The zygote says "A" to a connection once its loop runs, that is once it has loaded."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5.0)
+    try:
+        s.connect(path)
+        return s.recv(1) == b"A"
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def _wait_for_images(client: CriClient, refs: list[str], timeout: float = 15.0) -> None:
     # CRI learns about images imported with ctr from containerd's events, a moment later.
     deadline = time.monotonic() + timeout
@@ -143,6 +215,7 @@ class BenchEnv:
         self.overlay = VarLibOverlay(self.base / "var-lib")
         self.cd = CriContainerd(self.base / "containerd", sandbox_image=PAUSE_REF)
         self.cd.log_level = log_level
+        install_cold_runtime(self.cd, self.base / "cold-bin")
         self.smoke = smoke
         self.env: Env | None = None
         # Where close() copies containerd's log (with the shims' lines) before the dir goes.
@@ -166,7 +239,7 @@ class BenchEnv:
         except BaseException:
             self.close()
             raise
-        self.env = Env(cd=self.cd, ctr=ctr, cri=cri, smoke=self.smoke, can_restart=True)
+        self.env = Env(cd=self.cd, ctr=ctr, cri=cri, smoke=self.smoke, can_restart=True, has_cold=True)
         return self.env
 
     def __exit__(self, *exc: object) -> None:

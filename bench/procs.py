@@ -33,6 +33,14 @@ class Memory:
         return Memory(rss, pss, uss)
 
 
+def forked_from_zygote(pid: int) -> bool:
+    """Whether podshim's zygote forked this server: a cold process's argv lies on its stack, a
+    zygote worker points the kernel at a copy on its heap (prctl PR_SET_MM_MAP), below it."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rfind(")") + 2 :].split()  # fields[0] is field 3 of proc(5)
+    return int(fields[45]) < int(fields[25])  # arg_start < start_stack
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

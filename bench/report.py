@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench import REPO
-from bench.env import PODSHIM, RUNC, Env
+from bench.env import PODSHIM, PODSHIM_COLD, RUNC, Env
 from bench.stats import Row, ScenarioResult
 
 
@@ -113,18 +113,23 @@ def to_markdown(meta: dict[str, Any], results: Sequence[ScenarioResult], charts:
     out += [
         "",
         "Ratio = podshim / runc-v2 on the medians, both measured in this run, interleaved A B A B after a "
-        "warm-up. For throughput, higher is better (a ratio below 1 is worse).",
+        "warm-up. For throughput, higher is better (a ratio below 1 is worse). podshim runs as installed: "
+        "the C entry point and the warm zygote. podshim cold is its Python entry point alone (no zygote), "
+        "in the same run (A B C A B C), where the scenario measures it.",
         "",
-        "| scenario | measure | runc-v2 median (p90) | podshim median (p90) | ratio | target | |",
-        "|---|---|---|---|---|---|---|",
+        "| scenario | measure | runc-v2 median (p90) | podshim median (p90) | ratio | target | "
+        "| podshim cold median (p90) | cold ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for row in r.rows:
             runc = f"{fmt(row.runc.median, row.unit)} ({fmt(row.runc.p90, row.unit)})"
             pod = f"{fmt(row.podshim.median, row.unit)} ({fmt(row.podshim.p90, row.unit)})"
+            cold = f"{fmt(row.cold.median, row.unit)} ({fmt(row.cold.p90, row.unit)})" if row.cold else ""
+            cold_ratio = f"{row.ratio_cold:.2f}" if row.cold else ""
             out.append(
                 f"| {r.name} | {row.metric.strip()} | {runc} | {pod} "
-                f"| {row.ratio:.2f} | {_target(row)} | {_status(row)} |"
+                f"| {row.ratio:.2f} | {_target(row)} | {_status(row)} | {cold} | {cold_ratio} |"
             )
     for chart in charts:
         out += ["", f"![{chart}]({chart})"]
@@ -140,11 +145,12 @@ def to_markdown(meta: dict[str, Any], results: Sequence[ScenarioResult], charts:
 
 
 def summary_text(results: Sequence[ScenarioResult]) -> str:
-    lines = [f"{'measure':60} {RUNC:>12} {PODSHIM:>12} {'ratio':>7}"]
+    lines = [f"{'measure':60} {RUNC:>12} {PODSHIM:>12} {'ratio':>7}   {PODSHIM_COLD:>12} {'ratio':>7}"]
     for r in results:
         for row in r.rows:
+            cold = f"{fmt(row.cold.median, row.unit):>12} {row.ratio_cold:7.2f}" if row.cold else ""
             lines.append(
                 f"{(r.name + ': ' + row.metric.strip())[:60]:60} {fmt(row.runc.median, row.unit):>12} "
-                f"{fmt(row.podshim.median, row.unit):>12} {row.ratio:7.2f} {_status(row)}"
+                f"{fmt(row.podshim.median, row.unit):>12} {row.ratio:7.2f} {_status(row):1} {cold}"
             )
     return "\n".join(lines)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.env import ORDER, PODSHIM, RUNC
+from bench.env import ORDER, PODSHIM, PODSHIM_COLD, RUNC
 
 
 def percentile(values: Iterable[float], q: float) -> float:
@@ -53,6 +53,13 @@ class Row:
     better: str = "lower"
     target: float | None = None
     note: str = ""
+    cold: Summary | None = None  # podshim's cold path, where the scenario measures it
+
+    @property
+    def ratio_cold(self) -> float:
+        if self.cold is None or not self.runc.median or math.isnan(self.runc.median):
+            return math.nan
+        return self.cold.median / self.runc.median
 
     @property
     def ratio(self) -> float:
@@ -79,6 +86,7 @@ class Row:
             "unit": self.unit,
             RUNC: self.runc.to_json(),
             PODSHIM: self.podshim.to_json(),
+            **({PODSHIM_COLD: self.cold.to_json(), "ratio_cold": self.ratio_cold} if self.cold else {}),
             "ratio": self.ratio,
             "ratio_p90": self.ratio_p90,
             "better": self.better,
@@ -100,23 +108,29 @@ class ScenarioResult:
     seconds: float = 0.0
 
     def row(self, metric: str, unit: str, values: Mapping[str, Iterable[float]], **kw: Any) -> Row:
+        if PODSHIM_COLD in values:
+            kw["cold"] = Summary.of(values[PODSHIM_COLD])
         r = Row(self.name, metric, unit, Summary.of(values[RUNC]), Summary.of(values[PODSHIM]), **kw)
         self.rows.append(r)
         return r
 
 
 def interleave(
-    run: Callable[[str, int], float | None], *, iterations: int, warmup: int
+    run: Callable[[str, int], float | None],
+    *,
+    iterations: int,
+    warmup: int,
+    order: Sequence[str] = ORDER,
 ) -> dict[str, list[float]]:
-    """Run `run(runtime, i)` for both runtimes, A B A B, after `warmup` rounds whose results are
-    dropped (first-exec costs, page cache, CRI's caches). Returns the samples per runtime;
-    a run may return None to contribute no sample."""
-    out: dict[str, list[float]] = {name: [] for name in ORDER}
+    """Run `run(runtime, i)` for each runtime of `order`, A B A B, after `warmup` rounds whose
+    results are dropped (first-exec costs, page cache, CRI's caches). Returns the samples per
+    runtime; a run may return None to contribute no sample."""
+    out: dict[str, list[float]] = {name: [] for name in order}
     for i in range(warmup):
-        for name in ORDER:
+        for name in order:
             run(name, -1 - i)
     for i in range(iterations):
-        for name in ORDER:
+        for name in order:
             value = run(name, i)
             if value is not None:
                 out[name].append(value)

@@ -3,7 +3,7 @@
 # a second run installs nothing and takes a second or two.
 #   1. Debian packages: containerd, runc, busybox-static (the e2e test image is built from it),
 #      CNI plugins, iproute2, util-linux (unshare/mount for the tests' private mount namespace),
-#      gcc + libc6-dev, python3-venv.
+#      gcc + libc6-dev (the C entry point), python3-venv.
 #   2. .venv with `pip install -e '.[dev]'` (the pins live in pyproject.toml); redone only when
 #      pyproject.toml changes.
 #
@@ -74,13 +74,33 @@ fi
 
 stamp=.venv/.podshim-setup-stamp
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x .venv/bin/containerd-shim-podshim-v1 ]; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x .venv/bin/containerd-shim-podshim-v1-py ]; then
   log "pip install -e '.[dev]'"
   # compat mode: a plain path in a .pth, not an import hook; every shim start pays for the hook.
   .venv/bin/python -m pip install -q --disable-pip-version-check -e "$REPO[dev]" --config-settings editable_mode=compat
   echo "$want" > "$stamp"
 else
   log ".venv up to date"
+fi
+
+# The entry point containerd runs: a small C program (podshim/shim/entry.c) that hands each action
+# to this containerd's warm zygote and falls back to the Python entry point, which it finds as
+# podshim-cold/containerd-shim-podshim-v1 (a link to pip's containerd-shim-podshim-v1-py, so that
+# ps shows the same name either way). Without gcc pip's Python script stays under the name
+# containerd runs: everything works, cold. Replaced only when the build differs: a new binary is a
+# new zygote key, which retires the running zygotes.
+mkdir -p .venv/bin/podshim-cold
+ln -sfn ../containerd-shim-podshim-v1-py .venv/bin/podshim-cold/containerd-shim-podshim-v1
+if command -v gcc >/dev/null; then
+  gcc -O2 -Wall -Werror -o .venv/.entry.new podshim/shim/entry.c
+  if cmp -s .venv/.entry.new .venv/bin/containerd-shim-podshim-v1; then
+    rm .venv/.entry.new
+  else
+    log "installing the C entry point .venv/bin/containerd-shim-podshim-v1"
+    mv .venv/.entry.new .venv/bin/containerd-shim-podshim-v1
+  fi
+else
+  log "no gcc: the shim's entry point is the Python one (no warm zygote)"
 fi
 
 # Bytecode for the shim's modules, written now: containerd may run the shim with

@@ -7,8 +7,11 @@ Three measurements, each interleaved A B A B:
   * the split, from one run at log level debug: containerd's own timestamps (snapshot mounts,
     the forwarded task events, "cleaning up dead shim") bound the same phases for both shims,
     and podshim's `-> Method` / `<- Method` lines give its time inside each RPC;
-  * the `start` and `delete` actions alone (bench/actions.py), for both shims and for podshim
-    with compiled bytecode, plus the server's memory right after `start` (no task yet).
+  * the `start` and `delete` actions alone (bench/actions.py), for both shims and for podshim's
+    cold path, plus the server's memory right after `start` (no task yet).
+
+podshim runs warm (its C entry point and zygote, made ready first) and, where the bench's
+containerd has the podshim-cold runtime, cold too.
 
 (bench/lifecycle.py, the script this scenario grew from, still runs it alone.)
 """
@@ -21,9 +24,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from bench import whatif
-from bench.actions import Variant, cycle, pyc_copy
-from bench.env import ORDER, PODSHIM, RUNC, RUNTIMES, Env
+from bench.actions import Variant, cycle, warm_actions_zygote
+from bench.env import ORDER, PODSHIM, PODSHIM_COLD, PYTHON_ENTRY, RUNC, RUNTIMES, Env
 from bench.stats import ScenarioResult, Summary, interleave
 
 NAME = "lifecycle"
@@ -148,6 +150,7 @@ def measure_split(env: Env, iterations: int) -> tuple[dict[str, dict[str, list[f
         if not in_force:
             notes.append("split skipped: containerd is not at log level debug and may not be restarted")
             return phases, notes
+        env.warm_zygote()  # the restarted containerd's
 
         ids = itertools.count()
 
@@ -172,21 +175,23 @@ def measure_split(env: Env, iterations: int) -> tuple[dict[str, dict[str, list[f
 def run(env: Env, iterations: int = 20, warmup: int = 2) -> ScenarioResult:
     res = ScenarioResult(NAME, TITLE)
     ids = itertools.count()
+    env.warm_zygote()
     times = interleave(
-        lambda rt, i: run_once(env, rt, f"life-{rt}-{next(ids)}"), iterations=iterations, warmup=warmup
+        lambda rt, i: run_once(env, rt, f"life-{rt}-{next(ids)}"),
+        iterations=iterations,
+        warmup=warmup,
+        order=env.compared,
     )
     res.row("ctr run --rm (end to end)", "s", times, target=1.10)
 
-    # The actions alone: both shims, podshim from a copy with bytecode, and the what-ifs.
-    pyc_env = pyc_copy(env.scratch / "pyc")
-    whatifs = whatif.install(env.scratch / "whatif", env.scratch / "pyc")
+    # The actions alone: both shims, and podshim's cold path (its Python entry point). The bench
+    # itself is the "containerd" of these actions' zygote.
     variants = [
         Variant.of(RUNTIMES[RUNC]),
         Variant.of(RUNTIMES[PODSHIM]),
-        Variant("podshim+pyc", RUNTIMES[PODSHIM].binary, pyc_env),
-        Variant("what-if: pyc+_exit", str(whatifs["pyc+_exit"]), pyc_env),
-        Variant("what-if: lean", str(whatifs["lean"]), pyc_env),
+        Variant(PODSHIM_COLD, str(PYTHON_ENTRY)),
     ]
+    warm_actions_zygote(env)
     keys = ("start", "start_addr", "start_reuse", "delete", "rss", "pss")
     acts: dict[str, dict[str, list[float]]] = {v.name: {k: [] for k in keys} for v in variants}
     ids = itertools.count()
@@ -203,10 +208,11 @@ def run(env: Env, iterations: int = 20, warmup: int = 2) -> ScenarioResult:
             if c.baseline is not None:
                 a["rss"].append(c.baseline.rss)
                 a["pss"].append(c.baseline.pss)
-    pick = {rt: acts[rt] for rt in (RUNC, PODSHIM)}
-    res.row("start action, new pod (exec → exit)", "s", {k: v["start"] for k, v in pick.items()})
-    res.row("start action, pod's shim already up", "s", {k: v["start_reuse"] for k, v in pick.items()})
-    res.row("delete action (exec → exit)", "s", {k: v["delete"] for k, v in pick.items()})
+    res.row("start action, new pod (exec → exit)", "s", {k: v["start"] for k, v in acts.items()}, target=1.5)
+    res.row(
+        "start action, pod's shim already up", "s", {k: v["start_reuse"] for k, v in acts.items()}, target=1.5
+    )
+    res.row("delete action (exec → exit)", "s", {k: v["delete"] for k, v in acts.items()}, target=1.5)
     res.details["actions"] = {n: {k: Summary.of(x).to_json() for k, x in a.items()} for n, a in acts.items()}
     header = ["variant", "start, new pod: → address", "→ exit", "start, shim up", "delete"]
     header += ["server RSS, no task", "PSS"]
@@ -224,7 +230,7 @@ def run(env: Env, iterations: int = 20, warmup: int = 2) -> ScenarioResult:
                 f"{med['pss'] / 1024:.1f} MiB",
             ]
         )
-    res.tables["The shim's actions alone (medians; bench/actions.py, what-ifs: bench/whatif.py)"] = (
+    res.tables["The shim's actions alone (medians; bench/actions.py)"] = (
         header,
         rows,
     )

@@ -18,10 +18,10 @@ from typing import Any
 from cri.client import Pod
 
 from bench import whatif
-from bench.actions import Variant, cycle, group_of, importtime_profile, pyc_copy
-from bench.env import ORDER, PODSHIM, RUNC, RUNTIMES, Env
+from bench.actions import Variant, cycle, group_of, importtime_profile, pyc_copy, warm_actions_zygote
+from bench.env import PODSHIM, RUNC, RUNTIMES, Env
 from bench.pods import add_containers, remove_pod, start_pod
-from bench.procs import Memory, fd_count, settle, shim_pid, thread_count
+from bench.procs import Memory, fd_count, forked_from_zygote, settle, shim_pid, thread_count
 from bench.stats import ScenarioResult, Summary
 
 NAME = "memory"
@@ -67,19 +67,22 @@ def _python() -> str:
 
 def run(env: Env, pods: int = 3, reps: int = 5) -> ScenarioResult:
     res = ScenarioResult(NAME, TITLE)
-    live: dict[str, list[Pod]] = {rt: [] for rt in ORDER}
+    order = env.compared
+    live: dict[str, list[Pod]] = {rt: [] for rt in order}
+    env.warm_zygote()
+    warm_actions_zygote(env)
     try:
         for i in range(pods):
-            for rt in ORDER:
+            for rt in order:
                 pod, _ = start_pod(env, rt, f"mem-{rt}-{i}")
                 live[rt].append(pod)
         mem1 = _measure(live, res.notes)
-        for rt in ORDER:
+        for rt in order:
             for pod in live[rt]:
                 add_containers(env, pod, 2)
         mem3 = _measure(live, res.notes)
     finally:
-        for rt in ORDER:
+        for rt in order:
             for pod in live[rt]:
                 remove_pod(env, pod)
     for label, mem in (("1 container", mem1), ("3 containers", mem3)):
@@ -91,23 +94,23 @@ def run(env: Env, pods: int = 3, reps: int = 5) -> ScenarioResult:
         )
         res.row(f"shim PSS per pod, {label}", "KiB", {rt: [m.pss for m in ms] for rt, ms in mem.items()})
         res.row(f"shim USS per pod, {label}", "KiB", {rt: [m.uss for m in ms] for rt, ms in mem.items()})
-    growth = {rt: [b.rss - a.rss for a, b in zip(mem1[rt], mem3[rt], strict=True)] for rt in ORDER}
+    growth = {rt: [b.rss - a.rss for a, b in zip(mem1[rt], mem3[rt], strict=True)] for rt in order}
     res.details["rss_per_extra_2_containers_kib"] = {rt: Summary.of(v).to_json() for rt, v in growth.items()}
 
     # Baseline: a server right after `start`, before any Create (both shims), a few times.
     base: dict[str, list[Memory]] = defaultdict(list)
     for i in range(max(1, reps // 2)):
-        for rt in ORDER:
+        for rt in order:
             c = cycle(env, Variant.of(RUNTIMES[rt]), f"base-{rt}-{i}")
             assert c.baseline is not None
             base[rt].append(c.baseline)
     res.row(
         "server with no task (after start, before Create) RSS",
         "KiB",
-        {rt: [m.rss for m in base[rt]] for rt in ORDER},
+        {rt: [m.rss for m in base[rt]] for rt in order},
     )
-    res.row("server with no task PSS", "KiB", {rt: [m.pss for m in base[rt]] for rt in ORDER})
-    res.row("server with no task USS", "KiB", {rt: [m.uss for m in base[rt]] for rt in ORDER})
+    res.row("server with no task PSS", "KiB", {rt: [m.pss for m in base[rt]] for rt in order})
+    res.row("server with no task USS", "KiB", {rt: [m.uss for m in base[rt]] for rt in order})
 
     # What-if: servers forked from one warm interpreter (a zygote) instead of one each.
     zrows = []
@@ -262,6 +265,7 @@ def _measure(live: dict[str, list[Pod]], notes: list[str]) -> dict[str, list[Mem
             notes.append(
                 f"memory: {rt} shim of pod {pod.name} with {len(pod.containers)} container(s): "
                 f"{fd_count(pid)} fds, {thread_count(pid)} threads"
+                + (", forked by the zygote" if forked_from_zygote(pid) else ", cold")
             )
     return out
 

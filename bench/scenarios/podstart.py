@@ -40,7 +40,8 @@ def run(env: Env, iterations: int = 10, warmup: int = 1) -> ScenarioResult:
                 teardown.setdefault(runtime, []).append(gone)
             return t.total
 
-        totals = interleave(one, iterations=iterations, warmup=warmup)
+        env.warm_zygote()
+        totals = interleave(one, iterations=iterations, warmup=warmup, order=env.compared)
         res.row(f"pod start, {containers} container(s), to first output", "s", totals, target=1.10)
         res.row(
             f"  of which RunPodSandbox ({containers}c run)",

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.actions import FakeBundle, Variant, find_server, make_bundle, shutdown
-from bench.env import PODSHIM, RUNTIMES, Env, shim_env
+from bench.env import PODSHIM, PYTHON_ENTRY, RUNTIMES, Env, shim_env
 from bench.pods import SLEEPER, log_path, remove_pod, start_pod, wait_output
 from bench.procs import shim_pid
 from bench.stats import ScenarioResult
@@ -44,8 +44,9 @@ def run(env: Env, actions: int = 10, churn: int = 10) -> ScenarioResult:
     out = env.scratch / "profiles"
     out.mkdir(parents=True, exist_ok=True)
     podshim = Variant.of(RUNTIMES[PODSHIM])
-    # py-spy runs the interpreter itself, on the console script containerd would exec.
-    script = shutil.which(podshim.binary, path=shim_env(env.cd)["PATH"]) or podshim.binary
+    # py-spy runs the interpreter itself, on the Python entry point: these are the cold actions
+    # (a zygote's worker runs the same code, without the interpreter start and the imports).
+    script = str(PYTHON_ENTRY)
     stacks: dict[str, collections.Counter[str]] = {
         "start": collections.Counter(),
         "delete": collections.Counter(),

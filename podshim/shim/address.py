@@ -15,6 +15,7 @@ finds the lifetime lock held also finds the socket listening.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -167,6 +168,43 @@ def remove_own(path: str) -> None:
     concurrent ``start`` either finds both (and this shim) or neither (and starts a new one)."""
     with contextlib.suppress(FileNotFoundError), _directory_locked(os.path.dirname(path)):
         _unlink(path)
+
+
+def is_live(path: str, timeout: float = 0.1, kind: int = socket.SOCK_STREAM) -> bool:
+    """Whether something accepts connections on ``path`` (the zygote's socket, which has no
+    lifetime lock: a zygote that is gone costs speed only)."""
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def listen_unlocked(path: str, kind: int, backlog: int) -> socket.socket | None:
+    """Bind and listen on ``path`` without a lifetime lock (the zygote, SOCK_SEQPACKET); None
+    when a live listener already serves it."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    for _ in range(2):
+        s = socket.socket(socket.AF_UNIX, kind)
+        try:
+            s.bind(path)
+        except OSError as e:
+            s.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            if is_live(path, kind=kind):
+                return None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            continue
+        os.chmod(path, 0o600)
+        s.listen(backlog)
+        return s
+    raise OSError(errno.EADDRINUSE, f"cannot listen on {path}")
 
 
 def _unlink(path: str) -> None:

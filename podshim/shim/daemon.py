@@ -12,8 +12,7 @@ import sys
 
 from podshim import options
 from podshim.service import SERVICE, TaskService
-from podshim.shim import loopcheck
-from podshim.shim import address
+from podshim.shim import address, loopcheck
 from podshim.shim.publisher import EventPublisher
 from podshim.system import reaper
 from podshim.ttrpc.server import Server

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 VERSION = "0.1.0"
 
+# The process that ran this action (containerd): our parent, except in a zygote's worker, which
+# runs the action on behalf of the entry point containerd started (zygote.py).
+caller_parent = 0
+
 
 class Args:
     """The flags containerd passes (a plain class: dataclasses costs the lean paths ~6 ms)."""
@@ -84,20 +88,32 @@ def parse_args(argv: list[str]) -> Args:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    code = run(args)
+    if code == 0 and args[-1:] == ["start"]:
+        from podshim.shim import zygote
+
+        zygote.spawn_if_missing(sys.argv[0])
+    _exit_now(code)
+
+
+def run(argv: list[str]) -> int:
+    """One action, as containerd asked for it: the cold path (:func:`main`) and the zygote's
+    workers (zygote.py) both come through here."""
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(argv)
     except UsageError as e:
         print(e, file=sys.stderr)
-        sys.exit(2)
+        return 2
     if args.version:
         print(f"containerd-shim-podshim-v1 version {VERSION}")
-        sys.exit(0)
+        return 0
     if args.action == "start":
-        _exit_now(start(args))
+        return start(args)
     if args.action == "delete":
-        _exit_now(delete(args))
+        return delete(args)
     print(f"unknown action {args.action!r}: containerd runs 'start' and 'delete'", file=sys.stderr)
-    sys.exit(2)
+    return 2
 
 
 def _exit_now(code: int) -> None:
@@ -141,16 +157,7 @@ def start(args: Args) -> int:
     start_options = options.decode_stdin(stdin_opts)
     address.write_address_file(bundle, addr)
     # Fork rather than exec: the child inherits an interpreter with everything imported.
-    # asyncio imports ssl if it can; the shim speaks only over unix sockets, and ssl costs every
-    # shim ~4 ms and ~1.4 MiB.  asyncio works without it.
-    blocked = "ssl" not in sys.modules
-    if blocked:
-        sys.modules["ssl"] = None  # type: ignore[assignment]
-    import podshim.shim.daemon  # noqa: F401 - warm the imports before forking
-
-    if blocked:
-        del sys.modules["ssl"]  # whatever needs it later (pyroute2, for VM pods) may load it
-
+    load_server_modules()
     pid = os.fork()
     if pid == 0:
         _run_server(listener, args, path, bundle, start_options)
@@ -160,6 +167,20 @@ def start(args: Args) -> int:
     sys.stdout.write(addr)
     sys.stdout.flush()
     return 0
+
+
+def load_server_modules() -> None:
+    """Import the server's modules (before a fork, so that the server starts warm).
+
+    asyncio imports ssl if it can; the shim speaks only over unix sockets, and ssl costs every
+    shim ~4 ms and ~1.4 MiB.  asyncio works without it."""
+    blocked = "ssl" not in sys.modules
+    if blocked:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+    import podshim.shim.daemon  # noqa: F401
+
+    if blocked:
+        del sys.modules["ssl"]  # whatever needs it later (pyroute2, for VM pods) may load it
 
 
 SERVER_SOCKET_FD = 3
@@ -214,7 +235,7 @@ def _adopt(pid: int, opts: options.ShimOptions) -> None:
         with contextlib.suppress(OSError):
             _join_cgroup(pid, opts.shim_cgroup)
     try:
-        with open(f"/proc/{os.getppid()}/oom_score_adj") as f:
+        with open(f"/proc/{caller_parent or os.getppid()}/oom_score_adj") as f:
             parent_score = int(f.read().strip())
         with open(f"/proc/{pid}/oom_score_adj", "w") as f:
             f.write(str(min(parent_score + 1, 1000)))

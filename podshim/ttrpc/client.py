@@ -19,10 +19,10 @@ from podshim.ttrpc.codec import (
     MAX_MESSAGE,
     MSG_REQUEST,
     MSG_RESPONSE,
-    RECV_BUFFER,
     Frame,
     FrameDecoder,
     PayloadError,
+    ReceiveBuffer,
     decode_response,
     encode_frame,
     encode_request,
@@ -126,7 +126,7 @@ class _ClientProtocol(asyncio.BufferedProtocol):
     # Buffered for the same reason as the server's connections: recv_into a reused buffer.
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._recv_buf = memoryview(bytearray(RECV_BUFFER))
+        self._recv_buf = ReceiveBuffer()
         self.pending: dict[int, asyncio.Future[bytes]] = {}
         self.lost = False
         self.lost_waiter: asyncio.Future[None] = loop.create_future()
@@ -140,11 +140,11 @@ class _ClientProtocol(asyncio.BufferedProtocol):
         self._transport = transport
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._recv_buf
+        return self._recv_buf.get()
 
     def buffer_updated(self, nbytes: int) -> None:
         pending = self.pending
-        for event in self._decoder.feed(self._recv_buf[:nbytes]):
+        for event in self._decoder.feed(self._recv_buf.received(nbytes)):
             waiter = pending.get(event.stream_id)
             if waiter is None or waiter.done():
                 continue  # a call that timed out or was cancelled

@@ -19,7 +19,8 @@ from podshim.api.ttrpc_pb2 import KeyValue, Request, Response
 HEADER = struct.Struct(">IIBB")
 HEADER_SIZE = HEADER.size
 MAX_MESSAGE = 4 * 1024 * 1024
-# Size of the reusable receive buffer the asyncio protocols read into.
+# Sizes of the reusable receive buffer the asyncio protocols read into (ReceiveBuffer).
+SMALL_RECV_BUFFER = 4 * 1024
 RECV_BUFFER = 64 * 1024
 
 MSG_REQUEST = 1
@@ -197,3 +198,26 @@ def decode_response(payload: bytes) -> Response:
         return Response.FromString(payload)
     except DecodeError as exc:
         raise PayloadError(str(exc)) from None
+
+
+class ReceiveBuffer:
+    """A connection's reusable receive buffer, allocated at its first read and small at first:
+    nearly every frame a shim sees is a few hundred bytes, and every pod pays for the buffers of
+    its connections. A read that fills it grows it to RECV_BUFFER for the rest of the connection."""
+
+    __slots__ = ("_view",)
+
+    def __init__(self) -> None:
+        self._view: memoryview | None = None
+
+    def get(self) -> memoryview:
+        if self._view is None:
+            self._view = memoryview(bytearray(SMALL_RECV_BUFFER))
+        return self._view
+
+    def received(self, nbytes: int) -> memoryview:
+        """What the last read put in; valid until the next get()."""
+        view = self.get()
+        if nbytes == len(view) < RECV_BUFFER:
+            self._view = memoryview(bytearray(RECV_BUFFER))
+        return view[:nbytes]

@@ -23,9 +23,9 @@ from podshim.ttrpc.codec import (
     HEADER_SIZE,
     MAX_MESSAGE,
     MSG_REQUEST,
-    RECV_BUFFER,
     Frame,
     FrameDecoder,
+    ReceiveBuffer,
     encode_response_frame,
     encode_status_frame,
     oversized_message,
@@ -224,7 +224,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._server = server
         self.loop = loop
         self._decoder = FrameDecoder()
-        self._recv_buf = memoryview(bytearray(RECV_BUFFER))
+        self._recv_buf = ReceiveBuffer()
         self._transport: asyncio.Transport | None = None
         self._reading = True
         self.tasks: set[asyncio.Task[None]] = set()
@@ -238,14 +238,14 @@ class _Connection(asyncio.BufferedProtocol):
             transport.abort()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._recv_buf
+        return self._recv_buf.get()
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._transport is None:
             return
         server = self._server
         # feed() copies what it keeps, so the receive buffer is free again on return.
-        for event in self._decoder.feed(self._recv_buf[:nbytes]):
+        for event in self._decoder.feed(self._recv_buf.received(nbytes)):
             if isinstance(event, Frame):
                 # Other frame types are ignored for forward compatibility, as v1.1.1 does.
                 if event.msg_type == MSG_REQUEST:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from harness import leaks
-from harness.containerd import PrivateContainerd
+from harness.containerd import SHIM_MODE_ENV, PrivateContainerd, c_entry_point_built, default_shim_mode
 from harness.ctr import Ctr, cleanup_namespace
 from harness.images import BUSYBOX_BINARY, ImageTarball, build_busybox_tarball, import_image
 from harness.runtimes import PODSHIM, RUNC_V2, RUNTIMES, runtime_id
@@ -55,6 +55,13 @@ def _require_environment() -> None:
         missing.append(str(BUSYBOX_BINARY))
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: run scripts/setup.sh", pytrace=False)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    mode = default_shim_mode()
+    if mode == "warm" and not c_entry_point_built():
+        return "podshim entry point: warm requested, but no C entry point was built (no gcc): cold"
+    return f"podshim entry point: {mode} ({SHIM_MODE_ENV}=warm|cold)"
 
 
 @pytest.fixture(scope="session")

@@ -218,3 +218,19 @@ def test_request_round_trip(
     assert isinstance(req, Request)
     assert (req.service, req.method, req.payload, req.timeout_nano) == (service, method, payload, timeout)
     assert [(kv.key, kv.value) for kv in req.metadata] == metadata
+
+
+def test_receive_buffer_is_lazy_small_and_grows_after_a_full_read() -> None:
+    from podshim.ttrpc.codec import RECV_BUFFER, SMALL_RECV_BUFFER, ReceiveBuffer
+
+    buf = ReceiveBuffer()
+    assert buf._view is None  # a connection that never reads costs no buffer
+    view = buf.get()
+    assert len(view) == SMALL_RECV_BUFFER
+    view[:3] = b"abc"
+    assert bytes(buf.received(3)) == b"abc"
+    assert len(buf.get()) == SMALL_RECV_BUFFER  # a partial read keeps it small
+    view = buf.get()
+    view[:] = b"x" * SMALL_RECV_BUFFER
+    assert bytes(buf.received(SMALL_RECV_BUFFER)) == b"x" * SMALL_RECV_BUFFER  # still the data read
+    assert len(buf.get()) == RECV_BUFFER

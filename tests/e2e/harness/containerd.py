@@ -38,6 +38,29 @@ LOOP_CHECK_ENV = "PODSHIM_LOOP_BLOCK_MS"
 LOOP_CHECK_MS = "50"
 LOOP_BLOCKED_MARK = "podshim: the event loop was blocked"
 
+# podshim's entry point, as containerd finds it on its PATH: "warm" is what setup.sh installs (the
+# C entry point that hands actions to a zygote, podshim/shim/entry.c); "cold" puts the Python entry
+# point first under the same name (setup.sh's podshim-cold dir), as on a machine without gcc.
+# scripts/test.sh runs the differential tests both ways.
+SHIM_MODE_ENV = "PODSHIM_SHIM_MODE"
+SHIM_MODES = ("warm", "cold")
+PODSHIM_BINARY = "containerd-shim-podshim-v1"
+# The Python entry point under the shim's name, where the C one falls back to it.
+PODSHIM_COLD_DIR = VENV_BIN / "podshim-cold"
+
+
+def default_shim_mode() -> str:
+    mode = os.environ.get(SHIM_MODE_ENV) or "warm"
+    if mode not in SHIM_MODES:
+        raise ValueError(f"{SHIM_MODE_ENV}={mode!r}: one of {SHIM_MODES}")
+    return mode
+
+
+def c_entry_point_built() -> bool:
+    """Whether setup.sh built the C entry point (it needs gcc); without it "warm" runs cold."""
+    with open(VENV_BIN / PODSHIM_BINARY, "rb") as f:
+        return f.read(4) == b"\x7fELF"
+
 
 def private_run_dir() -> str | None:
     """$PODSHIM_TEST_RUN_DIR if /run is currently a bind mount of it (the root conftest.py's doing)."""
@@ -103,6 +126,7 @@ class PrivateContainerd:
         extra_config: str = "",
         log_level: str = "debug",
         extra_path: Sequence[Path] = (VENV_BIN,),
+        shim_mode: str | None = None,
     ) -> None:
         self.base = Path(base) if base is not None else Path(tempfile.mkdtemp(prefix="podshim-ctrd-"))
         self.base.mkdir(parents=True, exist_ok=True)
@@ -110,6 +134,7 @@ class PrivateContainerd:
         self.extra_config = extra_config
         self.log_level = log_level
         self.extra_path = list(extra_path)
+        self.shim_mode = shim_mode or default_shim_mode()
         self.root = self.base / "root"
         self.state = self.base / "state"
         self.address = str(self.base / "c.sock")
@@ -158,7 +183,11 @@ class PrivateContainerd:
         # for longer than this (podshim.shim.loopcheck), and the fixtures fail the test.
         env.setdefault(LOOP_CHECK_ENV, LOOP_CHECK_MS)
         # containerd resolves containerd-shim-<name>-<ver> via its PATH, so put the venv's first.
-        env["PATH"] = os.pathsep.join([*(str(p) for p in self.extra_path), env.get("PATH", "/usr/bin:/bin")])
+        path = [str(p) for p in self.extra_path]
+        if self.shim_mode == "cold":
+            path.insert(0, str(PODSHIM_COLD_DIR))
+        env["PATH"] = os.pathsep.join([*path, env.get("PATH", "/usr/bin:/bin")])
+        env.pop(SHIM_MODE_ENV, None)
         return env
 
     # -- lifecycle -------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ test runs, a system containerd) may share the machine:
   * processes in our private mount namespace (containerd, shims, runc, logging binaries), plus
     container processes, recognised by a cgroup path under the session's cgroup prefix (containers
     have mount namespaces of their own);
+  * podshim's zygotes (podshim/shim/zygote.py) live as long as their containerd: one that serves a
+    live containerd, and its socket, belong to that containerd, not to a test. A zygote whose
+    containerd is gone is a leak, and so is the socket of a zygote that is gone;
   * mounts under the containerd dir and under our private /run;
   * unix sockets (and podshim's shim lock files) under our private /run/containerd and
     /run/podshim/s, runc state dirs, and task bundles;
@@ -25,6 +28,7 @@ from pathlib import Path
 from .containerd import mounts_under, umount_all_under
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+ZYGOTE_MODULE = "podshim.shim.zygote"
 RUN_CONTAINERD = Path("/run/containerd")
 PODSHIM_SOCKETS = Path("/run/podshim/s")  # a shim's socket when the state dir's path is too long
 SHIM_LOCK_SUFFIX = ".lock"
@@ -126,12 +130,40 @@ def session_processes(cgroup_prefix: str, ignore_pids: Iterable[int] = ()) -> fr
             kind = "process"
             if exe.startswith("containerd-shim"):
                 kind = "shim"
+            elif ZYGOTE_MODULE in cmdline:
+                kind = "zygote"
             elif exe.startswith("runc"):
                 kind = "runc"
         else:
             continue
         found.add(Proc(pid, st[1], kind, cmdline[:300]))
     return frozenset(found)
+
+
+def zygote_argv(proc: Proc) -> tuple[str, int, int] | None:
+    """(socket path, containerd pid, containerd start time) from a zygote's command line:
+    `python -P -m podshim.shim.zygote <socket> <pid>:<starttime> <script> <idle>`."""
+    args = proc.cmdline.split(" ")
+    if ZYGOTE_MODULE not in args:
+        return None
+    i = args.index(ZYGOTE_MODULE)
+    try:
+        pid, _, start = args[i + 2].partition(":")
+        return args[i + 1], int(pid), int(start)
+    except (IndexError, ValueError):
+        return None
+
+
+def serving_zygotes(processes: Iterable[Proc]) -> dict[Proc, str]:
+    """The zygotes whose containerd still runs, with their socket paths."""
+    out: dict[Proc, str] = {}
+    for proc in processes:
+        args = zygote_argv(proc) if proc.kind == "zygote" else None
+        if args is not None:
+            st = _stat_fields(args[1])
+            if st is not None and st[1] == args[2] and st[0] not in ("Z", "X"):
+                out[proc] = args[0]
+    return out
 
 
 def _sockets_under(root: Path) -> set[str]:
@@ -191,11 +223,14 @@ def take(*, base: Path, state: Path, cgroup_prefix: str, ignore_pids: Iterable[i
     mounts = set(mounts_under(base))
     if RUN_CONTAINERD.exists():
         mounts.update(mounts_under(RUN_CONTAINERD))
+    processes = session_processes(cgroup_prefix, ignore_pids)
+    zygotes = serving_zygotes(processes)
     return Snapshot(
-        processes=session_processes(cgroup_prefix, ignore_pids),
+        processes=processes - zygotes.keys(),
         mounts=frozenset(mounts),
         sockets=frozenset(
-            _sockets_under(RUN_CONTAINERD) | _sockets_under(base) | _sockets_under(PODSHIM_SOCKETS)
+            (_sockets_under(RUN_CONTAINERD) | _sockets_under(base) | _sockets_under(PODSHIM_SOCKETS))
+            - set(zygotes.values())
         ),
         runc_state=frozenset(_children(RUN_CONTAINERD / "runc", 2)),
         bundles=frozenset(_children(state / "io.containerd.runtime.v2.task", 2)),
