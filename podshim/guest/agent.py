@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from podshim.guest import protocol as P
+from podshim.guest.diag import DiagOps
 
 RUNC = "/usr/sbin/runc"
 RUNC_ROOT = "/run/runc"
@@ -615,7 +616,8 @@ def vm_stats() -> dict[str, Any]:
 # -- the agent --------------------------------------------------------------------------------
 
 
-class Agent:
+class Agent(DiagOps):
+    reaper = REAPER
     def __init__(self, chan: Channel) -> None:
         self.chan = chan
         self.containers: dict[str, Container] = {}

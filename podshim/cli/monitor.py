@@ -1,0 +1,148 @@
+"""``podshim monitor``: one Prometheus exporter per node.
+
+On every scrape it finds the shims (as ``podshim ps`` does), pulls each one's ``Diag.Metrics``
+and ``Diag.Tasks`` concurrently, and serves them with ``pod``, ``namespace``, ``uid`` (CRI's),
+``container`` and ``isolation`` labels.  No shim runs an HTTP listener or imports
+prometheus_client.  A shim that does not answer within the scrape timeout is ``podshim_up 0``;
+the scrape itself never fails for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from podshim.api import diag_pb2 as D
+from podshim.cli.diag import DiagUnavailable, call
+from podshim.cli.discovery import ShimProcess, find_shims
+from podshim.errdefs import ShimError
+
+DEFAULT_LISTEN = "127.0.0.1:9309"
+DEFAULT_TIMEOUT = 2.0
+POD_LABELS = ("pod", "namespace", "uid", "pod_id", "isolation", "containerd_namespace", "shim_pid")
+
+
+class Scrape:
+    """One shim's answers for one scrape."""
+
+    def __init__(self, shim: ShimProcess) -> None:
+        self.shim = shim
+        self.tasks: D.TasksResponse | None = None
+        self.metrics: D.MetricsResponse | None = None
+        self.error = ""
+        self.seconds = 0.0
+
+    def pod_labels(self) -> dict[str, str]:
+        pod = self.tasks.pod if self.tasks is not None else D.PodInfo(id=self.shim.id)
+        return {
+            "pod": pod.name,
+            "namespace": pod.namespace,
+            "uid": pod.uid,
+            "pod_id": pod.id or self.shim.id,
+            "isolation": pod.isolation,
+            "containerd_namespace": self.shim.namespace,
+            "shim_pid": str(self.shim.pid),
+        }
+
+
+async def scrape_all(shims: list[ShimProcess], timeout: float) -> list[Scrape]:
+    async def one(shim: ShimProcess) -> Scrape:
+        s = Scrape(shim)
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                s.tasks, s.metrics = await asyncio.gather(
+                    call(shim, "Tasks", D.TasksRequest(), D.TasksResponse, timeout),
+                    call(shim, "Metrics", D.MetricsRequest(), D.MetricsResponse, timeout),
+                )
+        except (DiagUnavailable, ShimError, TimeoutError, OSError) as e:
+            s.tasks = s.metrics = None
+            s.error = str(e) or "timed out"
+        s.seconds = time.monotonic() - t0
+        return s
+
+    return list(await asyncio.gather(*(one(s) for s in shims)))
+
+
+def families(scrapes: list[Scrape]) -> list[Metric]:
+    up = GaugeMetricFamily(
+        "podshim_up", "1 if the shim answered Diag within the scrape timeout", labels=POD_LABELS
+    )
+    took = GaugeMetricFamily(
+        "podshim_scrape_duration_seconds", "how long the shim took to answer this scrape", labels=POD_LABELS
+    )
+    out: dict[str, Metric] = {}
+    for s in scrapes:
+        labels = s.pod_labels()
+        values = [labels[k] for k in POD_LABELS]
+        up.add_metric(values, 0.0 if s.metrics is None else 1.0)
+        took.add_metric(values, s.seconds)
+        if s.metrics is None:
+            continue
+        for fam in s.metrics.families:
+            _add_family(out, fam, labels)
+    return [up, took, *out.values()]
+
+
+def _add_family(out: dict[str, Metric], fam: D.MetricFamily, pod: dict[str, str]) -> None:
+    keys: list[str] = sorted({k for smp in fam.samples for k in smp.labels} - set(POD_LABELS))
+    if "container" not in keys:
+        keys.append("container")
+    names = [*POD_LABELS, *keys]
+    metric = out.get(fam.name)
+    if metric is None or list(getattr(metric, "_labelnames", names)) != names:
+        name = fam.name.removesuffix("_total") if fam.type == "counter" else fam.name
+        metric = _new_family(fam.type, name, fam.help, names)
+        metric._labelnames = names  # type: ignore[attr-defined]
+        out[fam.name] = metric
+    for smp in fam.samples:
+        values = [pod[k] for k in POD_LABELS] + [smp.labels.get(k, "") for k in keys]
+        if fam.type == "histogram":
+            buckets = [
+                ("+Inf" if math.isinf(b) else repr(b), float(c))
+                for b, c in zip(smp.bucket_bounds, smp.bucket_counts, strict=True)
+            ]
+            metric.add_metric(values, buckets, smp.value)  # type: ignore[attr-defined]
+        else:
+            metric.add_metric(values, smp.value)  # type: ignore[attr-defined]
+
+
+def _new_family(kind: str, name: str, help: str, labels: list[str]) -> Metric:
+    if kind == "counter":
+        return CounterMetricFamily(name, help, labels=labels)
+    if kind == "histogram":
+        return HistogramMetricFamily(name, help, labels=labels)
+    return GaugeMetricFamily(name, help, labels=labels)
+
+
+class ShimCollector(Collector):
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.timeout = timeout
+        self._lock = threading.Lock()  # one scrape at a time: each opens a connection per shim
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            scrapes = asyncio.run(scrape_all(find_shims(), self.timeout))
+        yield from families(scrapes)
+
+
+def serve(listen: str, timeout: float) -> tuple[Any, threading.Thread]:
+    from prometheus_client import start_http_server
+    from prometheus_client.registry import CollectorRegistry
+
+    host, _, port = listen.rpartition(":")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ShimCollector(timeout))
+    return start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
