@@ -159,5 +159,8 @@ def as_json(views: list[ShimView]) -> list[dict[str, Any]]:
                     v.tasks, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
                 )
             )
+            shim = entry["shim"]
+            for key in ("rss_bytes", "pss_bytes", "vm_rss_bytes", "vm_pss_bytes"):
+                shim[key] = int(shim[key])  # proto3 JSON writes 64-bit integers as strings
         out.append(entry)
     return out

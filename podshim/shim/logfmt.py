@@ -23,7 +23,7 @@ _ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\
 
 def quote(value: str) -> str:
     """logrus's rule: bare when it is plain, else a Go-style double-quoted string."""
-    if value and all(c.isalnum() or c in "-._/@^+:" for c in value):
+    if value and all(c.isalnum() or c in "-._/@^+" for c in value):
         return value
     return f'"{value.translate(_ESCAPES)}"'
 
@@ -111,6 +111,12 @@ class LogfmtHandler(logging.Handler):
 
 
 HANDLER: LogfmtHandler | None = None
+
+
+def fatal_line(msg: str) -> str:
+    """A last line for a dying shim, written without the logging machinery."""
+    pod = f" pod={quote(HANDLER.pod)}" if HANDLER is not None and HANDLER.pod else ""
+    return f"time={quote(rfc3339(time.time()))} level=fatal msg={quote(msg)} runtime={RUNTIME}{pod}\n"
 
 
 def install(fd: int, pod: str, debug: bool) -> LogfmtHandler:

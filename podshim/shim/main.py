@@ -205,8 +205,7 @@ def _panic(bundle: str) -> None:
     with contextlib.suppress(Exception):
         from podshim.shim import logfmt
 
-        line = f"level=fatal msg={logfmt.quote('shim panic: ' + text)} runtime={logfmt.RUNTIME}\n"
-        os.write(2, line.encode(errors="replace"))
+        os.write(2, logfmt.fatal_line("shim panic: " + text).encode(errors="replace"))
     with contextlib.suppress(OSError), open(os.path.join(bundle, PANIC_LOG), "w") as f:
         f.write(text)
 

@@ -1,0 +1,158 @@
+"""Diag over real shims driven by ctr: the podshim CLI against a standalone task's shim, the log
+FIFO's logfmt lines, SIGUSR1 stacks, and a shim that dies of an exception (panic.log)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from harness.containerd import VENV_BIN, PrivateContainerd
+from harness.ctr import Ctr
+from harness.poll import wait_until
+from harness.runtimes import PODSHIM
+
+from podshim.cli.discovery import ShimProcess, find_shims
+from podshim.shim import logfmt
+from podshim.shim.daemon import FAULTS_ENV
+
+# Read by the shims this session's containerd starts: SIGUSR2 then makes a shim panic.
+os.environ[FAULTS_ENV] = "1"
+
+IMAGE = "docker.io/library/busybox:latest"
+PODSHIM_CLI = str(VENV_BIN / "podshim")
+
+
+def podshim(*args: str, timeout: float = 60.0, input: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PODSHIM_CLI, *args], capture_output=True, text=True, timeout=timeout, input=input, check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+
+
+def shim_of(containerd: PrivateContainerd, task_id: str) -> ShimProcess:
+    found: list[ShimProcess] = []
+
+    def look() -> bool:
+        found[:] = [s for s in find_shims() if s.id == task_id and str(containerd.address) in s.containerd_address]
+        return len(found) == 1
+
+    wait_until(look, 10, f"the shim of {task_id}")
+    return found[0]
+
+
+def shim_lines(log: str, pid_marker: str = "") -> list[dict[str, str]]:
+    """The shim's logfmt lines in containerd's log (containerd copies them verbatim)."""
+    out = []
+    for line in log.splitlines():
+        if "runtime=io.containerd.podshim.v1" in line and line.startswith("time="):
+            fields = logfmt.parse(line)
+            if not pid_marker or fields.get("pod") == pid_marker:
+                out.append(fields)
+    return out
+
+
+def test_cli_on_a_standalone_shim(ctr: Ctr, containerd: PrivateContainerd) -> None:
+    since = containerd.log_size()
+    cid = "diag-standalone"
+    ctr.check("run", "-d", "--runtime", PODSHIM, IMAGE, cid, "sleep", "600")
+    try:
+        shim = shim_of(containerd, cid)
+
+        # ps finds it with no flags, with what containerd reports.
+        res = podshim("ps", "--json")
+        assert res.returncode == 0, res.stderr
+        mine = [e for e in json.loads(res.stdout) if e["pid"] == shim.pid]
+        assert len(mine) == 1, res.stdout
+        entry = mine[0]
+        assert entry["namespace"] == ctr.namespace
+        assert entry["pod"]["isolation"] == "process"
+        (task,) = entry["tasks"]
+        assert (task["id"], task["kind"], task["init"]["state"]) == (cid, "standalone", "running")
+        assert task["init"]["pid"] == int(ctr.check("task", "ls").split(cid)[1].split()[0])
+        assert entry["shim"]["rss_bytes"] > 0 and entry["shim"]["pss_bytes"] > 0
+        tree = podshim("ps")
+        assert tree.returncode == 0 and cid in tree.stdout and f"shim {shim.pid}" in tree.stdout, tree.stdout
+
+        # tasks by container id; an unknown name says where it looked.
+        res = podshim("tasks", cid)
+        assert res.returncode == 0 and "running" in res.stdout, res.stdout + res.stderr
+        res = podshim("tasks", "no-such-pod-anywhere")
+        assert res.returncode != 0
+        assert "no pod or container matches 'no-such-pod-anywhere'" in res.stderr
+        assert f"{shim.pid}" in res.stderr and ctr.namespace in res.stderr, res.stderr
+
+        # stacks: the server's asyncio tasks.
+        res = podshim("stacks", cid)
+        assert res.returncode == 0, res.stderr
+        assert "asyncio task" in res.stdout and "Server.serve" in res.stdout, res.stdout
+
+        # exec in the shim's namespaces: stdio streamed, exit code returned.
+        res = podshim("exec", cid, "--", "sh", "-c", "read x; echo out:$x; echo err >&2; exit 3", input="hi\n")
+        assert (res.returncode, res.stdout, res.stderr) == (3, "out:hi\n", "err\n")
+        res = podshim("exec", "-t", cid, "--", "sh", "-c", "tty >/dev/null && echo is-a-tty; exit 5")
+        assert res.returncode == 5 and "is-a-tty" in res.stdout, (res.stdout, res.stderr)
+        res = podshim("exec", cid, "--", "/no/such/binary")
+        assert res.returncode != 0 and "no such executable" in res.stderr, res.stderr
+
+        # share needs a VM pod.
+        res = podshim("share", cid, "/tmp", "/mnt/x")
+        assert res.returncode != 0 and "needs a VM pod" in res.stderr, res.stderr
+
+        # logs: the shim's own lines, as logfmt with the fields.
+        res = podshim("logs", cid)
+        assert res.returncode == 0, res.stderr
+        lines = [logfmt.parse(line) for line in res.stdout.splitlines()]
+        create = [f for f in lines if f.get("method") == "Create" and "duration" in f]
+        assert create, res.stdout
+        assert {"time", "level", "msg", "runtime", "pod", "id", "method", "duration"} <= create[0].keys()
+        assert create[0]["id"] == cid and create[0]["pod"] == cid
+
+        # The log FIFO carries the same lines into containerd's log.
+        wait_until(lambda: any(f.get("method") == "Start" for f in shim_lines(containerd.log_tail(2000, since))),
+                   10, "the shim's Start line in containerd's log")  # fmt: skip
+        fifo = shim_lines(containerd.log_tail(2000, since), cid)
+        start = next(f for f in fifo if f.get("method") == "Start" and "duration" in f)
+        assert start["level"] in ("info", "debug") and start["id"] == cid and start["duration"].endswith("s")
+        assert start["time"].endswith("Z") and "T" in start["time"]
+
+        # SIGUSR1 writes the stacks into the log.
+        os.kill(shim.pid, signal.SIGUSR1)
+        wait_until(lambda: any("stacks (SIGUSR1)" in f.get("msg", "") for f in shim_lines(containerd.log_tail(4000, since))),
+                   10, "the SIGUSR1 stack dump in containerd's log")  # fmt: skip
+        dump = next(f["msg"] for f in shim_lines(containerd.log_tail(4000, since)) if "SIGUSR1" in f.get("msg", ""))
+        assert "asyncio task" in dump and "thread MainThread" in dump
+    finally:
+        ctr.run("task", "kill", "-s", "KILL", cid)
+        ctr.wait_task_status(cid, "STOPPED")
+        ctr.run("task", "delete", cid)
+        ctr.run("container", "rm", cid)
+
+
+def test_a_shim_panic_leaves_panic_log_in_containerds_log(ctr: Ctr, containerd: PrivateContainerd) -> None:
+    since = containerd.log_size()
+    cid = "diag-panic"
+    ctr.check("run", "-d", "--runtime", PODSHIM, IMAGE, cid, "sleep", "600")
+    try:
+        shim = shim_of(containerd, cid)
+        bundle = Path(shim.bundle)
+        os.kill(shim.pid, signal.SIGUSR2)
+        wait_until(lambda: not Path(f"/proc/{shim.pid}").exists(), 10, "the shim to die")
+        # containerd notices, runs the delete action, which copies panic.log into its log.
+        wait_until(lambda: "found the shim's panic.log" in containerd.log_tail(4000, since), 20,
+                   "the delete action's copy of panic.log in containerd's log")  # fmt: skip
+        log = containerd.log_tail(4000, since)
+        assert "InjectedPanic: fault injection: SIGUSR2" in log
+        fatal = [f for f in shim_lines(log) if f.get("level") == "fatal"]
+        assert fatal and "Traceback" in fatal[0]["msg"], "the traceback also went to the log FIFO"
+        assert not bundle.exists() or (bundle / "panic.log").exists()
+    finally:
+        ctr.run("task", "kill", "-s", "KILL", cid)
+        deadline = time.monotonic() + 15
+        while ctr.task_status(cid) not in ("STOPPED", None) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ctr.run("task", "delete", cid)
+        ctr.run("container", "rm", cid)
