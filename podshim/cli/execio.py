@@ -1,4 +1,4 @@
-"""``podshim exec``'s stdio: an abstract unix socket the shim connects to, once per stream.
+"""``podshim exec``'s stdio: a unix socket the shim connects to, once per stream.
 
 Each connection starts with one byte naming its stream (0 stdin, 1 stdout, 2 stderr); only the
 shim's own process may connect (``SO_PEERCRED``).  The Exec call's reply carries the exit code.
@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
+import shutil
 import socket
 import struct
 import sys
+import tempfile
 import termios
 import threading
 import tty
@@ -56,9 +57,13 @@ def _feed_stdin(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
 
 async def run_exec(shim: ShimProcess, args: list[str], use_tty: bool, env: list[str]) -> D.ExecResponse:
     loop = asyncio.get_running_loop()
-    name = f"podshim-exec-{secrets.token_hex(8)}"
+    # A path, not an abstract name: the shim may be in another network namespace (a host pod's
+    # shim is in containerd's); through /proc/<our pid>/root it resolves in any mount namespace.
+    private = tempfile.mkdtemp(prefix="podshim-exec-")
+    path = os.path.join(private, "stdio.sock")
+    name = f"/proc/{os.getpid()}/root{path}"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    listener.bind("\0" + name)
+    listener.bind(path)
     listener.listen(4)
     listener.setblocking(False)
     expected = (0, 1) if use_tty else (0, 1, 2)
@@ -90,9 +95,7 @@ async def run_exec(shim: ShimProcess, args: list[str], use_tty: bool, env: list[
         tty.setraw(0)
     accepting = loop.create_task(accept())
     try:
-        req = D.ExecRequest(
-            args=args, env=env, tty=use_tty, stdio_socket="@" + name, width=width, height=height
-        )
+        req = D.ExecRequest(args=args, env=env, tty=use_tty, stdio_socket=name, width=width, height=height)
         resp = await call(shim, "Exec", req, D.ExecResponse, timeout=None)
         if outputs:
             await asyncio.wait(outputs, timeout=OUTPUT_DRAIN_TIMEOUT)
@@ -108,3 +111,4 @@ async def run_exec(shim: ShimProcess, args: list[str], use_tty: bool, env: list[
         for c in conns.values():
             c.close()
         listener.close()
+        shutil.rmtree(private, ignore_errors=True)

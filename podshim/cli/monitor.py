@@ -37,15 +37,16 @@ POD_LABELS = ("pod", "namespace", "uid", "pod_id", "isolation", "containerd_name
 class Scrape:
     """One shim's answers for one scrape."""
 
-    def __init__(self, shim: ShimProcess) -> None:
+    def __init__(self, shim: ShimProcess, known: D.PodInfo | None = None) -> None:
         self.shim = shim
+        self.known = known  # what the shim said at an earlier scrape, for a shim that is silent now
         self.tasks: D.TasksResponse | None = None
         self.metrics: D.MetricsResponse | None = None
         self.error = ""
         self.seconds = 0.0
 
     def pod_labels(self) -> dict[str, str]:
-        pod = self.tasks.pod if self.tasks is not None else D.PodInfo(id=self.shim.id)
+        pod = self.tasks.pod if self.tasks is not None else self.known or D.PodInfo(id=self.shim.id)
         return {
             "pod": pod.name,
             "namespace": pod.namespace,
@@ -57,9 +58,13 @@ class Scrape:
         }
 
 
-async def scrape_all(shims: list[ShimProcess], timeout: float) -> list[Scrape]:
+async def scrape_all(
+    shims: list[ShimProcess], timeout: float, known: dict[int, D.PodInfo] | None = None
+) -> list[Scrape]:
+    known = {} if known is None else known
+
     async def one(shim: ShimProcess) -> Scrape:
-        s = Scrape(shim)
+        s = Scrape(shim, known.get(shim.pid))
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(timeout):
@@ -71,9 +76,14 @@ async def scrape_all(shims: list[ShimProcess], timeout: float) -> list[Scrape]:
             s.tasks = s.metrics = None
             s.error = str(e) or "timed out"
         s.seconds = time.monotonic() - t0
+        if s.tasks is not None:
+            known[shim.pid] = s.tasks.pod
         return s
 
-    return list(await asyncio.gather(*(one(s) for s in shims)))
+    scrapes = list(await asyncio.gather(*(one(s) for s in shims)))
+    for pid in set(known) - {s.pid for s in shims}:
+        del known[pid]  # gone: forget it
+    return scrapes
 
 
 def families(scrapes: list[Scrape]) -> list[Metric]:
@@ -131,10 +141,11 @@ class ShimCollector(Collector):
     def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.timeout = timeout
         self._lock = threading.Lock()  # one scrape at a time: each opens a connection per shim
+        self._known: dict[int, D.PodInfo] = {}
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            scrapes = asyncio.run(scrape_all(find_shims(), self.timeout))
+            scrapes = asyncio.run(scrape_all(find_shims(), self.timeout, self._known))
         yield from families(scrapes)
 
 

@@ -100,7 +100,7 @@ def tasks_table(v: ShimView) -> Table:
     for t in v.tasks.tasks:
         for e in [t.init, *t.execs]:
             table.add_row(
-                t.name or t.id if not e.id else "",
+                (f"{t.name} ({t.id[:12]})" if t.name else t.id) if not e.id else "",
                 t.kind if not e.id else "",
                 e.id or "(init)",
                 state(e),

@@ -76,9 +76,9 @@ def state_name(task: Task, e: Exec) -> str:
 
 
 def validate_stdio_socket(name: str) -> str:
-    """Only an abstract socket ("@name"): nothing on the node's filesystems is touched for it."""
-    if name and (not name.startswith("@") or len(name) > 107 or "\0" in name):
-        raise errdefs.InvalidArgument(f"stdio socket {name!r} is not an abstract unix socket name (@name)")
+    """An absolute path or an abstract name ("@name"), within sun_path."""
+    if name and (name[0] not in "/@" or len(name) > 107 or "\0" in name):
+        raise errdefs.InvalidArgument(f"stdio socket {name!r} is neither an absolute path nor @name")
     return name
 
 
@@ -91,7 +91,7 @@ async def connect_stdio(name: str, streams: tuple[int, ...]) -> dict[int, socket
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             conns[stream] = s
             s.setblocking(False)
-            await loop.sock_connect(s, "\0" + name[1:])
+            await loop.sock_connect(s, "\0" + name[1:] if name.startswith("@") else name)
             await loop.sock_sendall(s, bytes([stream]))
     except OSError as e:
         for s in conns.values():
