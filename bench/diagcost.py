@@ -102,7 +102,9 @@ def state_cost(calls: int = 2000, rounds: int = 5) -> dict[str, list[float]]:
             for _ in range(rounds):
                 for i, label in enumerate(out):
                     path = str(Path(d) / f"{i}.sock")
-                    out[label].extend(latencies(path, "State", task_pb2.StateRequest(id="x"), calls // rounds))
+                    out[label].extend(
+                        latencies(path, "State", task_pb2.StateRequest(id="x"), calls // rounds)
+                    )
         finally:
             for s in servers.values():
                 s.close()

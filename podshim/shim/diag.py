@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import platform
 import shutil
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -289,7 +289,7 @@ class DiagService:
     async def version(self, r: D.VersionRequest) -> D.VersionResponse:
         from podshim.shim.main import VERSION
 
-        return D.VersionResponse(version=VERSION, runtime=logfmt.RUNTIME, python=platform.python_version())
+        return D.VersionResponse(version=VERSION, runtime=logfmt.RUNTIME, python=sys.version.split()[0])
 
     # -- metrics ---------------------------------------------------------------------------------
 

@@ -49,7 +49,11 @@ def ps(cd: CriContainerd) -> dict[str, dict[str, Any]]:
     """`podshim ps --json`, this containerd's pods only, by pod id."""
     res = podshim("ps", "--json")
     assert res.returncode == 0, res.stderr
-    return {e["pod"]["id"]: e for e in json.loads(res.stdout) if cd.address in e["containerd_address"] and "pod" in e}
+    return {
+        e["pod"]["id"]: e
+        for e in json.loads(res.stdout)
+        if cd.address in e["containerd_address"] and "pod" in e
+    }
 
 
 def check_against_cri(cri: CriClient, pod: Pod, entry: dict[str, Any], isolation: str) -> None:
@@ -148,6 +152,11 @@ def test_process_and_host_pods(cri: CriClient, cri_containerd: CriContainerd, bu
     tree = podshim("ps")
     ns = web.config.metadata.namespace
     assert f"{ns}/diag-web" in tree.stdout and f"{ns}/diag-node" in tree.stdout, tree.stdout
+    top = podshim("top", "--iterations", "2", "--interval", "0.5")
+    assert top.returncode == 0, top.stderr
+    rows = {line.split("│")[1].strip(): line for line in top.stdout.splitlines() if "│" in line}
+    assert "process" in rows[f"{ns}/diag-web"] and "host" in rows[f"{ns}/diag-node"], top.stdout
+    assert "2/2" in rows[f"{ns}/diag-web"]  # running / all tasks: the sandbox and the container
     res = podshim("tasks", "diag-w")  # a pod name prefix
     assert res.returncode == 0 and app[:12] in res.stdout, res.stdout + res.stderr
     res = podshim("tasks", "--json", app)  # a container id
@@ -224,7 +233,9 @@ def test_vm_pod(cri: CriClient, cri_containerd: CriContainerd, busybox: str, tmp
     res = podshim("exec", "diag-vm", "--", "uname", "-r")
     assert (res.returncode, res.stdout.strip()) == (0, release), res.stderr
     assert release != os.uname().release
-    res = podshim("exec", "diag-vm", "--", "sh", "-c", "read x; echo got:$x; echo oops >&2; exit 7", input="hi\n")
+    res = podshim(
+        "exec", "diag-vm", "--", "sh", "-c", "read x; echo got:$x; echo oops >&2; exit 7", input="hi\n"
+    )
     assert (res.returncode, res.stdout, res.stderr) == (7, "got:hi\n", "oops\n")
 
     # share: a host directory the guest reads, read-only by default.
@@ -256,7 +267,9 @@ def test_vm_pod(cri: CriClient, cri_containerd: CriContainerd, busybox: str, tmp
     ops = {s.labels["op"] for s in fams["podshim_vm_agent_request_duration_seconds"].samples}
     assert {"create", "start", "diag_exec"} <= ops
     vm_rss = next(s.value for s in fams["podshim_vm_memory_bytes"].samples if s.labels["kind"] == "rss")
-    overhead = next(s.value for s in fams["podshim_pod_overhead_memory_bytes"].samples if s.labels["kind"] == "rss")
+    overhead = next(
+        s.value for s in fams["podshim_pod_overhead_memory_bytes"].samples if s.labels["kind"] == "rss"
+    )
     assert vm_rss > 0 and overhead > vm_rss
 
     cri.stop_pod(pod.id)

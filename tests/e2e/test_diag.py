@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from harness.containerd import VENV_BIN, PrivateContainerd
@@ -37,7 +38,9 @@ def shim_of(containerd: PrivateContainerd, task_id: str) -> ShimProcess:
     found: list[ShimProcess] = []
 
     def look() -> bool:
-        found[:] = [s for s in find_shims() if s.id == task_id and str(containerd.address) in s.containerd_address]
+        found[:] = [
+            s for s in find_shims() if s.id == task_id and str(containerd.address) in s.containerd_address
+        ]
         return len(found) == 1
 
     wait_until(look, 10, f"the shim of {task_id}")
@@ -91,7 +94,9 @@ def test_cli_on_a_standalone_shim(ctr: Ctr, containerd: PrivateContainerd) -> No
         assert "asyncio task" in res.stdout and "Server.serve" in res.stdout, res.stdout
 
         # exec in the shim's namespaces: stdio streamed, exit code returned.
-        res = podshim("exec", cid, "--", "sh", "-c", "read x; echo out:$x; echo err >&2; exit 3", input="hi\n")
+        res = podshim(
+            "exec", cid, "--", "sh", "-c", "read x; echo out:$x; echo err >&2; exit 3", input="hi\n"
+        )
         assert (res.returncode, res.stdout, res.stderr) == (3, "out:hi\n", "err\n")
         res = podshim("exec", "-t", cid, "--", "sh", "-c", "tty >/dev/null && echo is-a-tty; exit 5")
         assert res.returncode == 5 and "is-a-tty" in res.stdout, (res.stdout, res.stderr)
@@ -112,18 +117,35 @@ def test_cli_on_a_standalone_shim(ctr: Ctr, containerd: PrivateContainerd) -> No
         assert create[0]["id"] == cid and create[0]["pod"] == cid
 
         # The log FIFO carries the same lines into containerd's log.
-        wait_until(lambda: any(f.get("method") == "Start" for f in shim_lines(containerd.log_tail(2000, since))),
-                   10, "the shim's Start line in containerd's log")  # fmt: skip
-        fifo = shim_lines(containerd.log_tail(2000, since), cid)
-        start = next(f for f in fifo if f.get("method") == "Start" and "duration" in f)
+        def logged(pred: Callable[[dict[str, str]], bool]) -> list[dict[str, str]]:
+            return [f for f in shim_lines(containerd.log_tail(4000, since), cid) if pred(f)]
+
+        def start_line(f: dict[str, str]) -> bool:
+            return f.get("method") == "Start" and "duration" in f
+
+        wait_until(lambda: logged(start_line), 10, "the shim's Start line in containerd's log")
+        start = logged(start_line)[0]
         assert start["level"] in ("info", "debug") and start["id"] == cid and start["duration"].endswith("s")
         assert start["time"].endswith("Z") and "T" in start["time"]
 
-        # SIGUSR1 writes the stacks into the log.
-        os.kill(shim.pid, signal.SIGUSR1)
-        wait_until(lambda: any("stacks (SIGUSR1)" in f.get("msg", "") for f in shim_lines(containerd.log_tail(4000, since))),
-                   10, "the SIGUSR1 stack dump in containerd's log")  # fmt: skip
-        dump = next(f["msg"] for f in shim_lines(containerd.log_tail(4000, since)) if "SIGUSR1" in f.get("msg", ""))
+        # logs -f follows: a new line (the SIGUSR1 dump below) shows up in a running `logs -f`.
+        follow = subprocess.Popen([PODSHIM_CLI, "logs", "-f", cid], stdout=subprocess.PIPE, text=True)
+        try:
+            # SIGUSR1 writes the stacks into the log.
+            os.kill(shim.pid, signal.SIGUSR1)
+
+            def dumped(f: dict[str, str]) -> bool:
+                return "stacks (SIGUSR1)" in f.get("msg", "")
+
+            wait_until(lambda: logged(dumped), 10, "the SIGUSR1 stack dump in containerd's log")
+            dump = logged(dumped)[0]["msg"]
+            assert follow.stdout is not None
+            deadline = time.monotonic() + 20
+            while "stacks (SIGUSR1)" not in (line := follow.stdout.readline()):
+                assert line and time.monotonic() < deadline, "logs -f did not show the new line"
+        finally:
+            follow.kill()
+            follow.wait()
         assert "asyncio task" in dump and "thread MainThread" in dump
     finally:
         ctr.run("task", "kill", "-s", "KILL", cid)
