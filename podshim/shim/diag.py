@@ -240,7 +240,7 @@ class DiagService:
             try:
                 resp.guest = await vmdiag.guest_stacks(vm)
             except errdefs.ShimError as e:
-                resp.guest_error = str(e)
+                resp.guest_error = logfmt.printable(str(e))
         return resp
 
     async def exec(self, r: D.ExecRequest) -> D.ExecResponse:

@@ -12,12 +12,16 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import time
 
 RUNTIME = "io.containerd.podshim.v1"
 KEEP_LINES = 1000
 OPTIONAL_FIELDS = ("id", "exec", "method", "duration")
 _LEVELS = {"WARNING": "warning", "CRITICAL": "fatal"}
+# Other control characters (a terminal escape from a hostile guest's console, say) as \xNN, so a
+# line can neither forge another line nor drive the terminal of whoever reads the log.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
 _ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"})
 
 
@@ -25,7 +29,18 @@ def quote(value: str) -> str:
     """logrus's rule: bare when it is plain, else a Go-style double-quoted string."""
     if value and all(c.isalnum() or c in "-._/@^+" for c in value):
         return value
-    return f'"{value.translate(_ESCAPES)}"'
+    return f'"{_CONTROL.sub(_hex, value.translate(_ESCAPES))}"'
+
+
+def _hex(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def printable(text: str) -> str:
+    """Multi-line text from an untrusted source (a VM guest) made safe for a terminal: lines and
+    tabs stay, every other control character becomes an escape."""
+    return _CONTROL.sub(_hex, text.replace("\r", "\\r"))
 
 
 def rfc3339(t: float) -> str:
@@ -34,7 +49,7 @@ def rfc3339(t: float) -> str:
 
 
 def parse(line: str) -> dict[str, str]:
-    """One logfmt line back into its fields (for tests and ``podshim logs --json``)."""
+    """One logfmt line back into its fields."""
     out: dict[str, str] = {}
     i, n = 0, len(line)
     while i < n:
@@ -51,6 +66,11 @@ def parse(line: str) -> dict[str, str]:
             while i < n and line[i] != '"':
                 if line[i] == "\\" and i + 1 < n:
                     i += 1
+                    width = {"x": 2, "u": 4}.get(line[i], 0)
+                    if width and i + width < n:
+                        chars.append(chr(int(line[i + 1 : i + 1 + width], 16)))
+                        i += width + 1
+                        continue
                     chars.append({"n": "\n", "t": "\t", "r": "\r"}.get(line[i], line[i]))
                 else:
                     chars.append(line[i])

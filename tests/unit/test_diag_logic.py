@@ -47,6 +47,15 @@ def test_logfmt_quotes_like_logrus() -> None:
     assert logfmt.rfc3339(1.5) == "1970-01-01T00:00:01.500000000Z"
 
 
+def test_hostile_text_cannot_forge_lines_or_drive_a_terminal() -> None:
+    evil = "ok\x1b[2J\x9b31m\u2028level=fatal msg=forged\r"
+    line = f"msg={logfmt.quote(evil)}"
+    assert line.isprintable() and len(line.splitlines()) == 1
+    assert logfmt.parse(line)["msg"] == evil
+    shown = logfmt.printable("frame 1\n\tframe 2\x1b]0;title\x07")
+    assert shown.splitlines() == ["frame 1", "\tframe 2\\x1b]0;title\\x07"]
+
+
 def _record(msg: str, level: int = logging.INFO, **extra: str) -> logging.LogRecord:
     rec = logging.LogRecord("podshim", level, __file__, 1, msg, (), None)
     rec.__dict__.update(extra)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from podshim import errdefs
 from podshim.api import diag_pb2 as D
 from podshim.shim.diag import add_histogram, proc_cpu_seconds, proc_memory
+from podshim.shim.logfmt import printable
 from podshim.system import mounts
 from podshim.vm import image as vmimage
 
@@ -44,7 +45,7 @@ def _client(vm: VMBackend) -> None:
 async def guest_stacks(vm: VMBackend) -> str:
     _client(vm)
     resp = await vm.call("diag_stacks", timeout=30.0)
-    return str(resp.get("stacks") or "")
+    return printable(str(resp.get("stacks") or ""))  # the guest may be hostile: no terminal escapes
 
 
 async def guest_exec(
