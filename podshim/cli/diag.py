@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 
 from podshim.api import diag_pb2 as D
 from podshim.cli.discovery import ShimProcess, find_shims
-from podshim.errdefs import ShimError
+from podshim.errdefs import Code, ShimError
 from podshim.ttrpc.client import Client
 
 SERVICE = "podshim.diag.v1.Diag"
@@ -67,7 +67,11 @@ async def survey(shims: list[ShimProcess] | None = None, timeout: float = CALL_T
     async def one(shim: ShimProcess) -> ShimView:
         try:
             return ShimView(shim, await call(shim, "Tasks", D.TasksRequest(), D.TasksResponse, timeout))
-        except (DiagUnavailable, ShimError) as e:
+        except ShimError as e:
+            if e.code == Code.UNIMPLEMENTED:
+                return ShimView(shim, None, "no Diag service: an older podshim")
+            return ShimView(shim, None, str(e))
+        except DiagUnavailable as e:
             return ShimView(shim, None, str(e))
 
     return list(await asyncio.gather(*(one(s) for s in shims)))

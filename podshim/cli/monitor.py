@@ -16,12 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from podshim.api import diag_pb2 as D
@@ -107,34 +102,25 @@ def families(scrapes: list[Scrape]) -> list[Metric]:
 
 
 def _add_family(out: dict[str, Metric], fam: D.MetricFamily, pod: dict[str, str]) -> None:
-    keys: list[str] = sorted({k for smp in fam.samples for k in smp.labels} - set(POD_LABELS))
-    if "container" not in keys:
-        keys.append("container")
-    names = [*POD_LABELS, *keys]
+    """Samples go in with whatever labels they carry (plus the pod's): shims need not agree on a
+    family's label names, and pod-level series get no empty ``container`` label."""
     metric = out.get(fam.name)
-    if metric is None or list(getattr(metric, "_labelnames", names)) != names:
-        name = fam.name.removesuffix("_total") if fam.type == "counter" else fam.name
-        metric = _new_family(fam.type, name, fam.help, names)
-        metric._labelnames = names  # type: ignore[attr-defined]
-        out[fam.name] = metric
+    if metric is None:
+        kind = fam.type if fam.type in ("counter", "gauge", "histogram") else "untyped"
+        metric = out[fam.name] = Metric(fam.name.removesuffix("_total") if kind == "counter" else fam.name,
+                                        fam.help, kind)  # fmt: skip
     for smp in fam.samples:
-        values = [pod[k] for k in POD_LABELS] + [smp.labels.get(k, "") for k in keys]
-        if fam.type == "histogram":
-            buckets = [
-                ("+Inf" if math.isinf(b) else repr(b), float(c))
-                for b, c in zip(smp.bucket_bounds, smp.bucket_counts, strict=True)
-            ]
-            metric.add_metric(values, buckets, smp.value)  # type: ignore[attr-defined]
+        labels = {**dict(smp.labels), **pod}
+        if fam.type == "counter":
+            metric.add_sample(metric.name + "_total", labels, smp.value)
+        elif fam.type == "histogram":
+            for bound, count in zip(smp.bucket_bounds, smp.bucket_counts, strict=True):
+                le = "+Inf" if math.isinf(bound) else repr(bound)
+                metric.add_sample(fam.name + "_bucket", {**labels, "le": le}, float(count))
+            metric.add_sample(fam.name + "_count", labels, float(smp.count))
+            metric.add_sample(fam.name + "_sum", labels, smp.value)
         else:
-            metric.add_metric(values, smp.value)  # type: ignore[attr-defined]
-
-
-def _new_family(kind: str, name: str, help: str, labels: list[str]) -> Metric:
-    if kind == "counter":
-        return CounterMetricFamily(name, help, labels=labels)
-    if kind == "histogram":
-        return HistogramMetricFamily(name, help, labels=labels)
-    return GaugeMetricFamily(name, help, labels=labels)
+            metric.add_sample(fam.name, labels, smp.value)
 
 
 class ShimCollector(Collector):

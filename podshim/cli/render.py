@@ -49,7 +49,7 @@ def _exec_line(e: D.ExecInfo) -> str:
 
 
 def _task_line(t: D.TaskInfo) -> str:
-    name = f"{t.name} ({t.id[:12]})" if t.name else t.id
+    name = f"{t.name} ({t.id[:12]})" if t.name else t.id[:12] if t.kind == "sandbox" else t.id
     init = t.init
     up = age(init.started_at) if init.state == "running" else "-"
     return f"{t.kind} [bold]{name}[/] · {state(init)} · pid {init.pid or '-'} · up {up}"
