@@ -1,9 +1,10 @@
 """Finding every podshim on the node, for every containerd and namespace, with no flags.
 
-A shim server is a process whose argv names ``containerd-shim-podshim-v1…`` with the ``start``
-action and which leads its own session (the server ``setsid``s after the fork; the ``start``
-action itself does not).  Its working directory is the bundle it started in, whose ``address``
-file holds its socket, so a containerd with any root and state is found the same way.  The
+A shim server is a process whose argv names ``containerd-shim-podshim-v1…`` (with any action but
+``delete``: a server forked by ``start`` keeps its argv) and which leads its own session (the
+server ``setsid``s; the ``start`` action itself does not).  Its working directory is the bundle
+it started in, whose ``address`` file holds its socket, so a containerd with any root and state
+is found the same way.  The
 socket is reached through ``/proc/<pid>/root``, so a shim in another mount namespace (a test's
 private containerd) answers too.
 """
@@ -57,7 +58,7 @@ def shim_process(pid: int) -> ShimProcess | None:
             return None
         start = next(i for i, a in enumerate(argv) if os.path.basename(a).startswith(SHIM_BINARY))
         args = parse_args(argv[start + 1 :])
-        if args.action != "start":
+        if args.action == "delete":
             return None
         bundle = os.readlink(f"/proc/{pid}/cwd").removesuffix(" (deleted)")
     except (OSError, StopIteration, UsageError, ProcessLookupError):

@@ -128,7 +128,7 @@ class DiagOps:
         target = str(req.get("target") or "")
         if not source.startswith(SHARED_ROOT) or ".." in source.split("/"):
             raise DiagError(f"share source {source!r} is not in the pod share")
-        norm = posixpath.normpath(target) if target.startswith("/") else ""
+        norm = posixpath.normpath(target) if target.startswith("/") and "\0" not in target else ""
         if not norm or norm == "/" or any(norm == r or norm.startswith(r + "/") for r in RESERVED):
             raise DiagError(f"share target {target!r} is not allowed")
         if req.get("directory"):

@@ -238,6 +238,9 @@ def test_vm_pod(cri: CriClient, cri_containerd: CriContainerd, busybox: str, tmp
     )
     assert (res.returncode, res.stdout, res.stderr) == (7, "got:hi\n", "oops\n")
 
+    res = podshim("exec", "-t", "diag-vm", "--", "sh", "-c", "tty; exit 2")
+    assert res.returncode == 2 and "/dev/pts/" in res.stdout, (res.stdout, res.stderr)
+
     # share: a host directory the guest reads, read-only by default.
     src = tmp_path / "shared"
     src.mkdir()
@@ -248,6 +251,11 @@ def test_vm_pod(cri: CriClient, cri_containerd: CriContainerd, busybox: str, tmp
     assert (res.returncode, res.stdout) == (0, "from the host\n"), res.stderr
     res = podshim("exec", "diag-vm", "--", "sh", "-c", "echo x > /mnt/diag/new")
     assert res.returncode != 0 and not (src / "new").exists(), "a read-only share was written"
+    # From the guest's side: remounting the share read-write does not make the host's files writable.
+    res = podshim(
+        "exec", "diag-vm", "--", "sh", "-c", "mount -o remount,bind,rw /mnt/diag; echo x > /mnt/diag/new"
+    )
+    assert res.returncode != 0 and not (src / "new").exists(), "the guest wrote through a read-only share"
     res = podshim("share", "diag-vm", str(src), "/usr/evil")
     assert res.returncode != 0 and "reserved" in res.stderr
 

@@ -250,3 +250,27 @@ def test_monitor_labels_and_up() -> None:
     assert get("podshim_ttrpc_request_duration_seconds_bucket", pod="web", le="0.1") == 2
     assert get("podshim_ttrpc_request_duration_seconds_count", pod="web") == 3
     assert get("podshim_container_create_to_start_seconds", pod="web", container="app") == 0.2
+
+
+# -- shares: guest paths, on both sides ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["relative", "/", "/usr/bin", "/run/podshim/agent", "/proc/1", "/mnt/../usr",
+                                  "/dev/sda", "/a\0b"])  # fmt: skip
+def test_share_targets_that_are_refused(path: str) -> None:
+    from podshim import errdefs
+    from podshim.backends.vm.diag import _guest_target
+    from podshim.guest.diag import DiagError, DiagOps
+
+    with pytest.raises(errdefs.InvalidArgument):
+        _guest_target(path)
+    with pytest.raises(DiagError):
+        DiagOps().op_diag_share({"source": "/run/podshim/shared/.diag-shares/1", "target": path})
+
+
+def test_guest_refuses_a_share_source_outside_the_pod_share() -> None:
+    from podshim.guest.diag import DiagError, DiagOps
+
+    for source in ("/etc", "/run/podshim/shared/../../etc", ""):
+        with pytest.raises(DiagError, match="not in the pod share"):
+            DiagOps().op_diag_share({"source": source, "target": "/mnt/x"})
