@@ -73,7 +73,7 @@ def wait_for(pred: object, timeout: float = 15.0) -> None:
 def show_inside(pods: list[str]) -> None:
     """`podshim ps`, then a /metrics excerpt from `podshim monitor` (docs/observability.md)."""
     podshim = str(REPO / ".venv" / "bin" / "podshim")
-    console.rule("podshim ps")
+    console.rule("podshim ps (every podshim on this machine, whatever containerd started it)")
     out = subprocess.run(
         [podshim, "ps"], capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "160"}
     )
@@ -103,6 +103,7 @@ def show_inside(pods: list[str]) -> None:
         line for line in text.splitlines()
         if line.startswith(wanted) and any(f'pod="{p}"' in line for p in pods)
         and ("requests_total" not in line or 'method="Create"' in line or 'method="Exec"' in line)
+        and ("overhead" not in line or 'kind="pss"' in line)
     ]  # fmt: skip
     console.rule(f"podshim monitor: an excerpt of http://127.0.0.1:{port}/metrics")
     print("\n".join(lines), flush=True)  # unwrapped: one sample per line
