@@ -106,17 +106,20 @@ class TaskService:
             async def logged(req: Message, ctx: RequestContext) -> Message:
                 fields = {"method": name, "id": getattr(req, "id", ""), "exec": getattr(req, "exec_id", "")}
                 if debug:
-                    log.debug("request %s", str(req).replace("\n", " "), extra=fields)
+                    log.debug("-> %s %s", name, str(req).replace("\n", " "), extra=fields)
                 t0 = time.monotonic()
                 try:
                     resp = await fn(req)
                 except Exception as e:
                     fields["duration"] = f"{time.monotonic() - t0:.6f}s"
-                    log.info("%s failed: %s", name, e, extra=fields)
+                    if debug:
+                        log.debug("<- %s error %r", name, e, extra=fields)
+                    else:
+                        log.info("%s failed: %s", name, e, extra=fields)
                     raise
                 fields["duration"] = f"{time.monotonic() - t0:.6f}s"
                 if debug:
-                    log.debug("reply %s", str(resp).replace("\n", " "), extra=fields)
+                    log.debug("<- %s %s", name, str(resp).replace("\n", " "), extra=fields)
                 else:
                     log.info(name, extra=fields)
                 return resp
