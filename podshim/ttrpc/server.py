@@ -177,7 +177,12 @@ class Server:
             return
         methods = self._services.get(req.service)
         if methods is None and req.service in self._lazy:
-            methods = self._services[req.service] = dict(self._lazy.pop(req.service)())
+            try:
+                methods = self._services[req.service] = dict(self._lazy[req.service]())
+            except Exception as exc:  # a service that cannot load must not take the connection down
+                conn.send_status(stream_id, Code.INTERNAL, f"service {req.service} failed to load: {exc}")
+                return
+            del self._lazy[req.service]
         if methods is None:
             conn.send_status(stream_id, Code.UNIMPLEMENTED, f"service {req.service}")
             return

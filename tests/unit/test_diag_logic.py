@@ -152,7 +152,12 @@ async def test_lazy_service_loads_at_first_request_and_requests_are_observed() -
         loaded.append(True)
         return {"State": Method(task_pb2.StateRequest, state)}  # type: ignore[arg-type]
 
-    server = Server({"svc.Lazy": lazy}, observer=lambda s, m, c, secs: seen.append((s, m, c)))
+    def broken() -> dict[str, Method]:
+        raise ImportError("no module named podshim.nothing")
+
+    server = Server(
+        {"svc.Lazy": lazy, "svc.Broken": broken}, observer=lambda s, m, c, secs: seen.append((s, m, c))
+    )
     with tempfile.TemporaryDirectory() as d:
         path = str(Path(d) / "s.sock")
         import socket
@@ -165,6 +170,8 @@ async def test_lazy_service_loads_at_first_request_and_requests_are_observed() -
         try:
             assert not loaded
             async with await Client.connect(path) as c:
+                with pytest.raises(Exception, match="failed to load: no module named podshim.nothing"):
+                    await c.call("svc.Broken", "State", task_pb2.StateRequest(id="a"), task_pb2.StateResponse)
                 assert (
                     await c.call("svc.Lazy", "State", task_pb2.StateRequest(id="a"), task_pb2.StateResponse)
                 ).id == "a"
