@@ -3,6 +3,7 @@ FIFO's logfmt lines, SIGUSR1 stacks, and a shim that dies of an exception (panic
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -17,9 +18,12 @@ from harness.ctr import Ctr
 from harness.poll import wait_until
 from harness.runtimes import PODSHIM
 
+from podshim.api import diag_pb2 as D
+from podshim.cli.diag import call
 from podshim.cli.discovery import ShimProcess, find_shims
 from podshim.shim import logfmt
 from podshim.shim.daemon import FAULTS_ENV
+from podshim.shim.main import VERSION
 
 # Read by the shims this session's containerd starts: SIGUSR2 then makes a shim panic.
 os.environ[FAULTS_ENV] = "1"
@@ -94,6 +98,11 @@ def test_cli_on_a_standalone_shim(ctr: Ctr, containerd: PrivateContainerd) -> No
         assert entry["shim"]["rss_bytes"] > 0 and entry["shim"]["pss_bytes"] > 0
         tree = podshim("ps")
         assert tree.returncode == 0 and cid in tree.stdout and f"shim {shim.pid}" in tree.stdout, tree.stdout
+
+        # Pid and Version, straight over the Diag service.
+        assert asyncio.run(call(shim, "Pid", D.PidRequest(), D.PidResponse)).pid == shim.pid
+        version = asyncio.run(call(shim, "Version", D.VersionRequest(), D.VersionResponse))
+        assert (version.version, version.runtime) == (VERSION, PODSHIM)
 
         # tasks by container id; an unknown name says where it looked.
         res = podshim("tasks", cid)

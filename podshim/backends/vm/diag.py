@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from podshim import errdefs
 from podshim.api import diag_pb2 as D
-from podshim.shim.diag import add_histogram, proc_cpu_seconds, proc_memory
+from podshim.shim.figures import add_histogram, proc_cpu_seconds
 from podshim.shim.logfmt import printable
 from podshim.system import mounts
 from podshim.vm import image as vmimage
@@ -140,8 +140,8 @@ def qemu_usage(vm: VMBackend) -> tuple[int, int, float]:
     q = vm.vm
     if q is None or not q.alive:
         return 0, 0, 0.0
-    rss, pss = proc_memory(q.pid)
-    return rss, pss, proc_cpu_seconds(q.pid)
+    mem = q.memory()
+    return mem["rss"], mem["pss"], proc_cpu_seconds(q.pid)
 
 
 def boot_phases(vm: VMBackend) -> dict[str, float]:
