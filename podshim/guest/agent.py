@@ -618,6 +618,9 @@ def vm_stats() -> dict[str, Any]:
 
 class Agent(DiagOps):
     reaper = REAPER
+    invalid_argument = InvalidArgument
+    not_found = NotFound
+    failure = AgentError
     def __init__(self, chan: Channel) -> None:
         self.chan = chan
         self.containers: dict[str, Container] = {}

@@ -32,9 +32,14 @@ class DiagNotFound(DiagError):
 
 
 class DiagOps:
-    """Needs from the agent: ``reaper`` (its Reaper), ``add_stream``, ``_lock`` and ``_in``."""
+    """Needs from the agent: ``reaper`` (its Reaper), its error classes, ``add_stream``, ``_lock``
+    and ``_in``."""
 
     reaper: Any
+    # The agent's own error classes, so that its answers carry the right kind.
+    invalid_argument: type[Exception] = DiagError
+    not_found: type[Exception] = DiagNotFound
+    failure: type[Exception] = DiagError
     _lock: threading.Lock
     _in: dict[int, Any]
 
@@ -50,11 +55,11 @@ class DiagOps:
     def op_diag_exec(self, req: dict[str, Any]) -> dict[str, Any]:
         argv = [str(a) for a in req.get("args") or []]
         if not argv:
-            raise DiagError("exec needs a command")
+            raise self.invalid_argument("exec needs a command")
         env = {"PATH": EXEC_PATH, **{str(k): str(v) for k, v in (req.get("env") or {}).items()}}
         exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env["PATH"])
         if exe is None or not os.access(exe, os.X_OK):
-            raise DiagNotFound(f"{argv[0]}: no such executable in the guest (PATH={env['PATH']})")
+            raise self.not_found(f"{argv[0]}: no such executable in the guest (PATH={env['PATH']})")
         stdio = req.get("stdio") or {}
         sids = {k: int(stdio.get(k) or 0) for k in ("stdin", "stdout", "stderr")}
         child: dict[int, int] = {}
@@ -89,7 +94,7 @@ class DiagOps:
         except OSError as e:
             for _, _, fd in parent:
                 os.close(fd)
-            raise DiagError(f"cannot run {argv[0]} in the guest: {e}") from e
+            raise self.failure(f"cannot run {argv[0]} in the guest: {e}") from e
         finally:
             for fd in set(child.values()):
                 os.close(fd)
@@ -110,7 +115,7 @@ class DiagOps:
         pid = int(req.get("pid") or 0)
         entry = self._diag_exits().get(pid)
         if entry is None:
-            raise DiagNotFound(f"no diagnostic exec with pid {pid}")
+            raise self.not_found(f"no diagnostic exec with pid {pid}")
         done, result = entry
         done.wait()
         self._diag_exits().pop(pid, None)
@@ -127,10 +132,10 @@ class DiagOps:
         source = str(req.get("source") or "")
         target = str(req.get("target") or "")
         if not source.startswith(SHARED_ROOT) or ".." in source.split("/"):
-            raise DiagError(f"share source {source!r} is not in the pod share")
+            raise self.invalid_argument(f"share source {source!r} is not in the pod share")
         norm = posixpath.normpath(target) if target.startswith("/") and "\0" not in target else ""
         if not norm or norm == "/" or any(norm == r or norm.startswith(r + "/") for r in RESERVED):
-            raise DiagError(f"share target {target!r} is not allowed")
+            raise self.invalid_argument(f"share target {target!r} is not allowed")
         if req.get("directory"):
             os.makedirs(norm, exist_ok=True)
         else:
@@ -146,7 +151,7 @@ class DiagOps:
         pid = self.reaper.spawn(argv, {})
         status = self.reaper.wait(pid)
         if status != 0:
-            raise DiagError(f"{' '.join(argv)} failed with status {status}")
+            raise self.failure(f"{' '.join(argv)} failed with status {status}")
 
 
 def _spawn(exe: str, argv: list[str], fds: dict[int, int], env: dict[str, str]) -> int:

@@ -238,6 +238,10 @@ def test_vm_pod(cri: CriClient, cri_containerd: CriContainerd, busybox: str, tmp
     )
     assert (res.returncode, res.stdout, res.stderr) == (7, "got:hi\n", "oops\n")
 
+    res = podshim("exec", "diag-vm", "--", "/no/such/tool")
+    assert (
+        res.returncode != 0 and "no such executable in the guest" in res.stderr and "not found" in res.stderr
+    )
     res = podshim("exec", "-t", "diag-vm", "--", "sh", "-c", "tty; exit 2")
     assert res.returncode == 2 and "/dev/pts/" in res.stdout, (res.stdout, res.stderr)
 
