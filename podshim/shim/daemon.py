@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 
 from podshim import options
 from podshim.service import SERVICE, TaskService
@@ -43,10 +44,31 @@ def setup_logging(bundle: str, debug: bool, pod: str = "") -> None:
     logfmt.install(2, pod, debug)
 
 
-def _log_stacks() -> None:
-    from podshim.shim import stacks  # loaded when first asked for
+def _stack_dumper(service: TaskService) -> Callable[[], None]:
+    """SIGUSR1: the shim's stacks into its log now, and a VM guest agent's once it answers."""
+    pending: set[asyncio.Task[None]] = set()
 
-    log.info("=== stacks (SIGUSR1) ===\n%s=== end of stacks ===", stacks.dump())
+    async def guest(backend: object) -> None:
+        from podshim.backends.vm import diag as vmdiag
+        from podshim.errdefs import ShimError
+
+        try:
+            text = await vmdiag.guest_stacks(backend)  # type: ignore[arg-type]
+        except ShimError as e:
+            text = f"(the guest agent did not answer: {e})"
+        log.info("=== guest agent stacks (SIGUSR1) ===\n%s=== end of guest agent stacks ===", text)
+
+    def dump() -> None:
+        from podshim.shim import stacks  # loaded when first asked for
+
+        log.info("=== stacks (SIGUSR1) ===\n%s=== end of stacks ===", stacks.dump())
+        host = service.host
+        if host is not None and host.backend.name == "vm":
+            task = asyncio.get_running_loop().create_task(guest(host.backend))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    return dump
 
 
 async def serve(
@@ -77,7 +99,7 @@ async def serve(
     server = Server({SERVICE: service.methods(), DIAG_SERVICE: diag_methods}, observer=TELEMETRY.request_done)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
-    loop.add_signal_handler(signal.SIGUSR1, _log_stacks)
+    loop.add_signal_handler(signal.SIGUSR1, _stack_dumper(service))
     panic: list[str] = []
     if os.environ.get(FAULTS_ENV) == "1":
 

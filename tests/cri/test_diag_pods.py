@@ -229,6 +229,13 @@ def test_vm_pod(cri: CriClient, cri_containerd: CriContainerd, busybox: str, tmp
     assert "asyncio task" in shim_part and "Server.serve" in shim_part
     assert "thread reaper" in guest_part and "op_diag_stacks" in guest_part, guest_part
 
+    # SIGUSR1 writes the shim's stacks, then the guest agent's, into the log.
+    since = cri_containerd.log_size()
+    os.kill(entry["pid"], signal.SIGUSR1)
+    wait_until(lambda: "guest agent stacks (SIGUSR1)" in cri_containerd.log_tail(2000, since), 30,
+               "the guest agent's stacks in containerd's log")  # fmt: skip
+    assert "thread reaper" in cri_containerd.log_tail(2000, since)
+
     # exec in the guest itself: its kernel, its exit code, stdin and stderr.
     res = podshim("exec", "diag-vm", "--", "uname", "-r")
     assert (res.returncode, res.stdout.strip()) == (0, release), res.stderr
