@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 from harness.containerd import VENV_BIN, PrivateContainerd
@@ -52,6 +53,11 @@ def shim_of(containerd: PrivateContainerd, task_id: str) -> ShimProcess:
     return found[0]
 
 
+def seconds(rfc3339: str) -> float:
+    head, _, frac = rfc3339.rstrip("Z").partition(".")
+    return datetime.fromisoformat(head + "+00:00").timestamp() + float(f"0.{frac or 0}")
+
+
 def shim_lines(log: str, pid_marker: str = "") -> list[dict[str, str]]:
     """The shim's logfmt lines in containerd's log (containerd copies them verbatim)."""
     out = []
@@ -84,6 +90,10 @@ def test_cli_on_a_standalone_shim(ctr: Ctr, containerd: PrivateContainerd) -> No
     with standalone(ctr, cid):
         shim = shim_of(containerd, cid)
 
+        ctr.check("task", "exec", "-d", "--exec-id", "probe", cid, "sleep", "600")
+        exec_pid = int(next(line.split()[0] for line in ctr.check("task", "ps", cid).splitlines()[1:]
+                            if "probe" in line))  # fmt: skip
+
         # ps finds it with no flags, with what containerd reports.
         res = podshim("ps", "--json")
         assert res.returncode == 0, res.stderr
@@ -94,10 +104,15 @@ def test_cli_on_a_standalone_shim(ctr: Ctr, containerd: PrivateContainerd) -> No
         assert entry["pod"]["isolation"] == "process"
         (task,) = entry["tasks"]
         assert (task["id"], task["kind"], task["init"]["state"]) == (cid, "standalone", "running")
+        (probe,) = task["execs"]
+        assert (probe["id"], probe["state"], probe["pid"]) == ("probe", "running", exec_pid)
+        init = task["init"]
+        assert seconds(probe["started_at"]) >= seconds(init["started_at"]) >= seconds(init["created_at"]) > 0
         assert task["init"]["pid"] == int(ctr.check("task", "ls").split(cid)[1].split()[0])
         assert entry["shim"]["rss_bytes"] > 0 and entry["shim"]["pss_bytes"] > 0
         tree = podshim("ps")
         assert tree.returncode == 0 and cid in tree.stdout and f"shim {shim.pid}" in tree.stdout, tree.stdout
+        assert f"exec probe · running · pid {exec_pid}" in tree.stdout, tree.stdout
 
         # Pid and Version, straight over the Diag service.
         assert asyncio.run(call(shim, "Pid", D.PidRequest(), D.PidResponse)).pid == shim.pid
