@@ -27,15 +27,17 @@ from podshim.vm import image as vmimage
 
 from .checks import wait_no_shim
 from .client import RUNNING, CriClient, Pod
-from .harness import PODSHIM_HANDLER, SHIM_BINARIES, CriContainerd, shim_servers
+from .harness import HOST_HANDLER, PODSHIM_HANDLER, SHIM_BINARIES, CriContainerd, shim_servers
 
 PODSHIM_CLI = str(VENV_BIN / "podshim")
 SLEEPER = ["sleep", "3600"]
 
 
-def run_host_pod(cri: CriClient, name: str) -> Pod:
-    """The one place this file asks for a host-process pod (the pod annotation)."""
-    return cri.run_pod(name, PODSHIM_HANDLER, {"podshim.io/isolation": "host"}, host=True)
+def run_host_pod(cri: CriClient, cd: CriContainerd, name: str) -> Pod:
+    """The one place this file asks for a host-process pod: the admin's handler, its rootfs where
+    that handler allows it."""
+    location = str(cd.host_rootfs_locations / "pods")
+    return cri.run_pod(name, HOST_HANDLER, {"podshim.io/hostprocess-rootfs-location": location}, host=True)
 
 
 def podshim(*args: str, timeout: float = 120.0, input: str = "") -> subprocess.CompletedProcess[str]:
@@ -140,7 +142,7 @@ def test_process_and_host_pods(cri: CriClient, cri_containerd: CriContainerd, bu
                                monitor: Monitor) -> None:  # fmt: skip
     web = cri.run_pod("diag-web", PODSHIM_HANDLER)
     app = cri.run_container(web, "app", SLEEPER, image=busybox)
-    node = run_host_pod(cri, "diag-node")
+    node = run_host_pod(cri, cri_containerd, "diag-node")
     agent = cri.run_container(node, "agent", SLEEPER, image=busybox)
     for cid in (app, agent):
         cri.wait_container_state(cid, RUNNING)

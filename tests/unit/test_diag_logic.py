@@ -272,7 +272,7 @@ def test_share_targets_that_are_refused(path: str) -> None:
     with pytest.raises(errdefs.InvalidArgument):
         _guest_target(path)
     with pytest.raises(DiagError):
-        DiagOps().op_diag_share({"source": "/run/podshim/shared/.diag-shares/1", "target": path})
+        DiagOps().op_diag_share({"source": "/run/podshim/shared/.diag/1", "target": path})
 
 
 def test_guest_refuses_a_share_source_outside_the_pod_share() -> None:

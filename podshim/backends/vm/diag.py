@@ -1,9 +1,10 @@
 """Diag for VM pods, on the host: the guest agent's stacks, a command in the guest, a host path
 shared into the guest, and the VM's own figures (boot phases, agent latency, qemu's cost).
 
-The guest's side is :mod:`podshim.guest.diag`.  Shares are bind mounts under the pod's 9p share
-(``<run dir>/shared/.diag-shares/<n>``), so they go with the VM's run dir; a read-only share is
-read-only on the host side of 9p, which a hostile guest cannot undo.
+The guest's side is :mod:`podshim.guest.diag`.  Shares are bind mounts in the pod share's stage
+(``.diag/<n>``, :meth:`PodShare.add_path`: no path the guest can change is walked), so they go
+with the share; a read-only share is read-only on the host side of 9p, which a hostile guest
+cannot undo.
 """
 
 from __future__ import annotations
@@ -21,14 +22,12 @@ from podshim import errdefs
 from podshim.api import diag_pb2 as D
 from podshim.shim.figures import add_histogram, proc_cpu_seconds
 from podshim.shim.logfmt import printable
-from podshim.system import mounts
 from podshim.vm import image as vmimage
 
 if TYPE_CHECKING:
     from podshim.backends.vm.backend import VMBackend
     from podshim.shim.telemetry import Telemetry
 
-SHARES_DIR = ".diag-shares"
 EXEC_WAIT_TIMEOUT = 7 * 24 * 3600.0  # an interactive shell may stay open for long
 OUTPUT_DRAIN_TIMEOUT = 5.0
 # Guest paths a share may not cover: the agent's own mounts and the guest's userland.
@@ -98,38 +97,24 @@ def _guest_target(path: str) -> str:
 
 async def share(vm: VMBackend, host_path: str, guest_path: str, writable: bool) -> None:
     _client(vm)
-    assert vm.vm is not None
     target_in_guest = _guest_target(guest_path)
     if not os.path.isabs(host_path):
         raise errdefs.InvalidArgument(f"host path {host_path!r} must be absolute")
-    source = os.path.realpath(host_path)
-    if not os.path.exists(source):
+    if not os.path.exists(host_path):
         raise errdefs.NotFound(f"host path {host_path} does not exist")
-    is_dir = os.path.isdir(source)
+    assert vm.share is not None
     name = str(next(_share_ids))
-    base = os.path.join(vm.vm.cfg.shared_dir, SHARES_DIR)
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    point = os.path.join(base, name)
-    if is_dir:
-        os.mkdir(point, 0o700)
-    else:
-        open(point, "x").close()
     try:
-        opts = ("rbind",) if writable else ("rbind", "ro")
-        mounts.mount(mounts.Mount("bind", source, opts), point)
-        await vm.call(
-            "diag_share",
-            source=f"{vmimage.GUEST_SHARED}/{SHARES_DIR}/{name}",
-            target=target_in_guest,
-            directory=is_dir,
-            writable=writable,
-        )
-    except BaseException:
-        with contextlib.suppress(OSError):
-            mounts.unmount_all(point)
-        with contextlib.suppress(OSError):
-            (os.rmdir if is_dir else os.unlink)(point)
-        raise
+        rel = vm.share.add_path(name, host_path, writable)
+    except OSError as e:
+        raise errdefs.ShimError(f"cannot share {host_path} with the VM: {e}") from e
+    await vm.call(
+        "diag_share",
+        source=f"{vmimage.GUEST_SHARED}/{rel}",
+        target=target_in_guest,
+        directory=os.path.isdir(host_path),
+        writable=writable,
+    )
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -152,12 +137,14 @@ def boot_phases(vm: VMBackend) -> dict[str, float]:
         return {}
     phases = {"qemu": marks["socket"] - marks["spawn"]}
     rest = marks["ready"] - marks["socket"]
-    kernel = 0.0
-    if vm.vm is not None:
+    if "kernel" not in marks and vm.vm is not None:
+        # The first such line is /init's, written before anything else in the guest runs; read
+        # once, before the console log can rotate it away.
         with contextlib.suppress(OSError), open(vm.vm.cfg.console_log, errors="replace") as f:
             m = _AGENT_LINE.search(f.read(256 * 1024))
             if m:
-                kernel = min(float(m.group(1)), rest)
+                marks["kernel"] = min(float(m.group(1)), rest)
+    kernel = marks.get("kernel", 0.0)
     phases["kernel"] = kernel
     phases["agent"] = rest - kernel
     return phases
