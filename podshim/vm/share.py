@@ -153,8 +153,24 @@ class PodShare:
         if DIAG_DIR not in self._mounted:
             safepath.mkdir_beneath(self._fd, DIAG_DIR, 0o711)
             self._mounted[DIAG_DIR] = []
+        rel = f"{DIAG_DIR}/{name}"
         self._bind(DIAG_DIR, Bind(source, name, False), ("rbind",) if writable else ("rbind", "ro"))
-        return f"{DIAG_DIR}/{name}"
+        if not writable:
+            # A remount does not propagate: the copy of the mount in the view, which qemu exports,
+            # is still read-write.  Make that one read-only too (the guest cannot change the view).
+            ro = mounts.MS_REMOUNT | mounts.MS_BIND | mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV
+            view = os.open(self.view, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                with safepath.beneath(view, rel) as target:
+                    mounts._sys_mount("", target, "", ro, "")
+            except OSError:
+                with safepath.beneath(self._fd, rel) as target:  # not shared at all, then
+                    mounts.detach(target, follow=True)
+                self._mounted[DIAG_DIR].remove(rel)
+                raise
+            finally:
+                os.close(view)
+        return rel
 
     # -- the share ----------------------------------------------------------------------------
 
