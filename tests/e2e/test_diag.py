@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import time
@@ -168,7 +169,7 @@ def test_cli_on_a_standalone_shim(ctr: Ctr, containerd: PrivateContainerd) -> No
         assert start["time"].endswith("Z") and "T" in start["time"]
 
         # logs -f follows: a new line (the SIGUSR1 dump below) shows up in a running `logs -f`.
-        follow = subprocess.Popen([PODSHIM_CLI, "logs", "-f", cid], stdout=subprocess.PIPE, text=True)
+        follow = subprocess.Popen([PODSHIM_CLI, "logs", "-f", cid], stdout=subprocess.PIPE)
         try:
             # SIGUSR1 writes the stacks into the log.
             os.kill(shim.pid, signal.SIGUSR1)
@@ -179,9 +180,15 @@ def test_cli_on_a_standalone_shim(ctr: Ctr, containerd: PrivateContainerd) -> No
             wait_until(lambda: logged(dumped), 10, "the SIGUSR1 stack dump in containerd's log")
             dump = logged(dumped)[0]["msg"]
             assert follow.stdout is not None
+            seen = b""
             deadline = time.monotonic() + 20
-            while "stacks (SIGUSR1)" not in (line := follow.stdout.readline()):
-                assert line and time.monotonic() < deadline, "logs -f did not show the new line"
+            while b"stacks (SIGUSR1)" not in seen:
+                left = deadline - time.monotonic()
+                assert left > 0, "logs -f did not show the new line"
+                if select.select([follow.stdout], [], [], left)[0]:
+                    chunk = os.read(follow.stdout.fileno(), 65536)
+                    assert chunk, "logs -f ended"
+                    seen += chunk
         finally:
             follow.kill()
             follow.wait()
