@@ -281,3 +281,21 @@ def test_guest_refuses_a_share_source_outside_the_pod_share() -> None:
     for source in ("/etc", "/run/podshim/shared/../../etc", ""):
         with pytest.raises(DiagError, match="not in the pod share"):
             DiagOps().op_diag_share({"source": source, "target": "/mnt/x"})
+
+
+async def test_event_outcomes_are_counted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """containerd unreachable: every attempt after the first is a retry, then the event is dropped."""
+    from podshim.api import events_pb2
+    from podshim.shim import publisher as pub
+    from podshim.shim.telemetry import TELEMETRY
+
+    async def no_wait(seconds: float) -> None:
+        return None
+
+    monkeypatch.setattr(pub.asyncio, "sleep", no_wait)
+    before = dict(TELEMETRY.events)
+    p = pub.EventPublisher(str(tmp_path / "no-containerd.sock"), "ns")
+    p.publish("/tasks/oom", events_pb2.TaskOOM(container_id="c1"))
+    await p.close(timeout=5)
+    delta = {k: TELEMETRY.events[k] - before[k] for k in before}
+    assert delta == {"published": 0, "retried": pub.RETRIES, "dropped": 1}
