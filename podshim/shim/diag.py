@@ -42,7 +42,7 @@ def validate_stdio_socket(name: str) -> str:
 
 
 async def connect_stdio(name: str, streams: tuple[int, ...]) -> dict[int, socket.socket]:
-    """One connection per stream to the client's abstract socket, each announced by its number."""
+    """One connection per stream to the client's socket, each announced by its number."""
     loop = asyncio.get_running_loop()
     conns: dict[int, socket.socket] = {}
     try:
