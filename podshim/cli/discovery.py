@@ -58,8 +58,8 @@ def shim_process(pid: int) -> ShimProcess | None:
             return None
         start = next(i for i, a in enumerate(argv) if os.path.basename(a).startswith(SHIM_BINARY))
         args = parse_args(argv[start + 1 :])
-        if args.action == "delete":
-            return None
+        if args.action == "delete" or not (args.namespace and args.id and args.address):
+            return None  # a delete action, or something else that is no server containerd started
         bundle = os.readlink(f"/proc/{pid}/cwd").removesuffix(" (deleted)")
     except (OSError, StopIteration, UsageError, ProcessLookupError):
         return None

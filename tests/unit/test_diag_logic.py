@@ -299,3 +299,28 @@ async def test_event_outcomes_are_counted(monkeypatch: pytest.MonkeyPatch, tmp_p
     await p.close(timeout=5)
     delta = {k: TELEMETRY.events[k] - before[k] for k in before}
     assert delta == {"published": 0, "retried": pub.RETRIES, "dropped": 1}
+
+
+def test_discovery_takes_only_servers_containerd_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    from podshim.cli import discovery
+
+    me = os.getpid()
+    flags = b"-namespace\0k8s.io\0-address\0/c.sock\0-id\0p1\0"
+    argvs = {
+        "server": b"python\0/x/containerd-shim-podshim-v1\0" + flags + b"start\0",
+        "delete": b"containerd-shim-podshim-v1\0" + flags + b"delete\0",
+        "no flags": b"/x/containerd-shim-podshim-v1-zygote\0serve\0",
+        "other": b"containerd-shim-runc-v2\0" + flags + b"start\0",
+    }
+    for what, argv in argvs.items():
+        monkeypatch.setattr(
+            discovery, "_read", lambda path, argv=argv: argv if path.endswith("cmdline") else b"unix:///s"
+        )
+        monkeypatch.setattr(discovery.os, "getsid", lambda pid: pid)
+        monkeypatch.setattr(
+            discovery.os, "readlink", lambda path: "/state/io.containerd.runtime.v2.task/k8s.io/p1"
+        )
+        found = discovery.shim_process(me)
+        assert (found is not None) == (what == "server"), what
+        if found is not None:
+            assert (found.namespace, found.id, found.socket) == ("k8s.io", "p1", "/s")
