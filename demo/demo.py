@@ -4,11 +4,15 @@ clean teardown.  Run it with scripts/demo.sh (which sets the machine up first)."
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,6 +68,46 @@ def wait_for(pred: object, timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("the demo waited too long")
         time.sleep(0.1)
+
+
+def show_inside(pods: list[str]) -> None:
+    """`podshim ps`, then a /metrics excerpt from `podshim monitor` (docs/observability.md)."""
+    podshim = str(REPO / ".venv" / "bin" / "podshim")
+    console.rule("podshim ps (every podshim on this machine, whatever containerd started it)")
+    out = subprocess.run(
+        [podshim, "ps"], capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "160"}
+    )
+    console.print(out.stdout, highlight=False, markup=False, end="")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monitor = subprocess.Popen(
+        [podshim, "monitor", "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL
+    )
+    try:
+        text = ""
+        deadline = time.monotonic() + 20
+        while not text:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+                    text = resp.read().decode()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        monitor.terminate()
+        monitor.wait()
+    wanted = ("podshim_up{", "podshim_pod_overhead_memory_bytes{", "podshim_ttrpc_requests_total{")
+    lines = [
+        line for line in text.splitlines()
+        if line.startswith(wanted) and any(f'pod="{p}"' in line for p in pods)
+        and ("requests_total" not in line or 'method="Create"' in line or 'method="Exec"' in line)
+        and ("overhead" not in line or 'kind="pss"' in line)
+    ]  # fmt: skip
+    console.rule(f"podshim monitor: an excerpt of http://127.0.0.1:{port}/metrics")
+    print("\n".join(lines), flush=True)  # unwrapped: one sample per line
+    console.rule()
 
 
 def main() -> int:
@@ -141,6 +185,7 @@ def main() -> int:
             f"the shim itself, no pause; its container sees the node's pid 1 ({init!r}) and the image at "
             f"{mount_point}"
         )
+        show_inside(["demo", "node-agent"])
         client.stop_pod(hpod.id)
         client.remove_pod(hpod.id)
         client.pods.pop(hpod.id, None)

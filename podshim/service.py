@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,6 +39,8 @@ from podshim.ttrpc.server import Handler, Method, RequestContext
 log = logging.getLogger(__name__)
 
 SERVICE = "containerd.task.v2.Task"
+# Logged at info, once each (with id, exec, method, duration); every request only at debug.
+LOGGED_METHODS = frozenset({"Create", "Start", "Delete", "Exec", "Kill", "Shutdown"})
 PROCESS_DETAILS_URL = "containerd.runc.v1.ProcessDetails"
 Host = Pod | Standalone
 
@@ -97,24 +100,35 @@ class TaskService:
 
         debug = log.isEnabledFor(logging.DEBUG)
 
-        def adapt(fn: Callable[[Any], Awaitable[Message]]) -> Handler:
-            if not debug:
+        def adapt(name: str, fn: Callable[[Any], Awaitable[Message]]) -> Handler:
+            if not debug and name not in LOGGED_METHODS:
                 # No extra coroutine frame per request: hand back the method's own coroutine.
                 return lambda req, ctx: fn(req)
 
-            async def traced(req: Message, ctx: RequestContext) -> Message:
-                log.debug("-> %s %s", ctx.method, str(req).replace("\n", " "))
+            async def logged(req: Message, ctx: RequestContext) -> Message:
+                fields = {"method": name, "id": getattr(req, "id", ""), "exec": getattr(req, "exec_id", "")}
+                if debug:
+                    log.debug("-> %s %s", name, str(req).replace("\n", " "), extra=fields)
+                t0 = time.monotonic()
                 try:
                     resp = await fn(req)
                 except Exception as e:
-                    log.debug("<- %s error %r", ctx.method, e)
+                    fields["duration"] = f"{time.monotonic() - t0:.6f}s"
+                    if debug:
+                        log.debug("<- %s error %r", name, e, extra=fields)
+                    else:
+                        log.info("%s failed: %s", name, e, extra=fields)
                     raise
-                log.debug("<- %s %s", ctx.method, str(resp).replace("\n", " "))
+                fields["duration"] = f"{time.monotonic() - t0:.6f}s"
+                if debug:
+                    log.debug("<- %s %s", name, str(resp).replace("\n", " "), extra=fields)
+                else:
+                    log.info(name, extra=fields)
                 return resp
 
-            return traced
+            return logged
 
-        return {name: Method(rt, adapt(fn)) for name, (rt, fn) in table.items()}
+        return {name: Method(rt, adapt(name, fn)) for name, (rt, fn) in table.items()}
 
     def _task(self, tid: str) -> Task:
         ids.check_task_id(tid)

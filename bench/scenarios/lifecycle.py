@@ -73,7 +73,7 @@ def parse_log(text: str) -> list[LogLine]:
         except ValueError:
             continue
         msg = m.group(4)
-        if raw.endswith("runtime=io.containerd.podshim.v1"):
+        if "runtime=io.containerd.podshim.v1" in raw and not msg.startswith('"cleanup warnings'):
             source = PODSHIM
         elif "runtime=io.containerd.runc.v2" in raw and not msg.startswith('"cleanup warnings'):
             source = RUNC
@@ -119,7 +119,7 @@ def split_marks(lines: list[LogLine], shim: str) -> dict[str, float]:
             ):
                 marks["remove snapshot"] = ln.t
         if ln.source == PODSHIM == shim:
-            m = re.match(r"(->|<-) (\w+)", msg)
+            m = re.match(r'"?(->|<-) (\w+)', msg)
             if m:
                 key = f"{m.group(1)} {m.group(2)}"
                 marks.setdefault(key, ln.t)

@@ -17,7 +17,7 @@ from typing import Any
 
 from cri.client import Pod
 
-from bench import whatif
+from bench import diagcost, whatif
 from bench.actions import Variant, cycle, group_of, importtime_profile, pyc_copy, warm_actions_zygote
 from bench.env import PODSHIM, RUNC, RUNTIMES, Env
 from bench.pods import add_containers, remove_pod, start_pod
@@ -81,6 +81,10 @@ def run(env: Env, pods: int = 3, reps: int = 5) -> ScenarioResult:
             for pod in live[rt]:
                 add_containers(env, pod, 2)
         mem3 = _measure(live, res.notes)
+        # What metrics cost per shim (after mem3: the first Diag request loads the Diag service).
+        res.details["diag_cost"], res.tables["What observability costs per shim (Diag, metrics)"] = (
+            diagcost.report(RUNTIMES[PODSHIM].binary, live[PODSHIM])
+        )
     finally:
         for rt in order:
             for pod in live[rt]:

@@ -1,11 +1,21 @@
-"""The ``podshim`` command."""
+"""The ``podshim`` command: install, vm-image, and the diagnostics (ps, tasks, stacks, exec,
+share, top, logs, monitor) over each shim's Diag service."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 
 from podshim.cli import install as installing
+
+if TYPE_CHECKING:
+    from podshim.cli.diag import ShimView
 
 console = Console()
 
@@ -73,6 +83,202 @@ def vm_image(directory: str, force: bool) -> None:
         image.prepare(directory, force=force, log=lambda msg: console.print(msg, highlight=False))
     except image.ImageError as e:
         raise click.ClickException(str(e)) from e
+
+
+# -- diagnostics ----------------------------------------------------------------------------------
+
+
+def _pick(query: str) -> tuple[ShimView, str]:
+    from podshim.cli.diag import AmbiguousError, NotFoundError, resolve, survey
+
+    views = asyncio.run(survey())
+    try:
+        return resolve(views, query)
+    except (NotFoundError, AmbiguousError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+def _diag(view: ShimView, method: str, req: object, resp_type: type, timeout: float | None = 10.0) -> object:
+    from podshim.cli.diag import DiagUnavailable, call
+    from podshim.errdefs import ShimError
+
+    try:
+        return asyncio.run(call(view.shim, method, req, resp_type, timeout))  # type: ignore[arg-type]
+    except (DiagUnavailable, ShimError) as e:
+        raise click.ClickException(f"{method} on {view.label()}: {e}") from e
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="The same, as JSON.")
+def ps(as_json: bool) -> None:
+    """Every podshim on this node: shim, pod, tasks and execs."""
+    from podshim.cli import render
+    from podshim.cli.diag import survey
+
+    views = asyncio.run(survey())
+    if as_json:
+        click.echo(json.dumps(render.as_json(views), indent=2))
+    else:
+        console.print(render.ps_tree(views))
+
+
+@cli.command()
+@click.argument("pod")
+@click.option("--json", "as_json", is_flag=True, help="The same, as JSON.")
+def tasks(pod: str, as_json: bool) -> None:
+    """The tasks and execs of one pod (name prefix, id prefix or a container id)."""
+    from podshim.cli import render
+
+    view, _ = _pick(pod)
+    if view.tasks is None:
+        raise click.ClickException(f"{view.label()} is not answering: {view.error}")
+    if as_json:
+        click.echo(json.dumps(render.as_json([view])[0], indent=2))
+    else:
+        console.print(render.tasks_table(view))
+
+
+@cli.command()
+@click.argument("pod")
+def stacks(pod: str) -> None:
+    """Every thread's and asyncio task's stack in the pod's shim (and its VM's guest agent)."""
+    from podshim.api import diag_pb2 as D
+
+    view, _ = _pick(pod)
+    resp = _diag(view, "Stacks", D.StacksRequest(), D.StacksResponse)
+    assert isinstance(resp, D.StacksResponse)
+    click.echo(f"=== shim {view.shim.pid} ===\n{resp.shim}")
+    if resp.guest or resp.guest_error:
+        click.echo(f"=== guest agent ===\n{resp.guest or resp.guest_error}")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("pod")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a terminal.")
+@click.option("-e", "--env", multiple=True, help="KEY=VALUE for the command's environment.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec(pod: str, tty: bool, env: tuple[str, ...], command: tuple[str, ...]) -> None:
+    """Run COMMAND in the pod's VM guest (VM pods) or in its shim's namespaces (others).
+
+    podshim exec POD [-t] -- CMD ARGS...
+    """
+    from podshim.cli.diag import DiagUnavailable
+    from podshim.cli.execio import run_exec
+    from podshim.errdefs import ShimError
+
+    view, _ = _pick(pod)
+    try:
+        resp = asyncio.run(run_exec(view.shim, list(command), tty, list(env)))
+    except (DiagUnavailable, ShimError) as e:
+        raise click.ClickException(f"exec in {view.label()}: {e}") from e
+    sys.stdout.flush()
+    sys.exit(resp.exit_code)
+
+
+@cli.command()
+@click.argument("pod")
+@click.argument("host_path")
+@click.argument("guest_path")
+@click.option("--writable", is_flag=True, help="Let the guest write (read-only by default).")
+def share(pod: str, host_path: str, guest_path: str, writable: bool) -> None:
+    """Share HOST_PATH into a VM pod's guest at GUEST_PATH."""
+    import os
+
+    from podshim.api import diag_pb2 as D
+
+    view, _ = _pick(pod)
+    req = D.ShareRequest(host_path=os.path.abspath(host_path), guest_path=guest_path, writable=writable)
+    _diag(view, "Share", req, D.ShareResponse, timeout=60.0)
+    mode = "read-write" if writable else "read-only"
+    console.print(f"shared {req.host_path} at {guest_path} in {view.label()} ({mode})")
+
+
+@cli.command()
+@click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--iterations", default=0, help="Stop after this many refreshes (0: until Ctrl-C).")
+def top(interval: float, iterations: int) -> None:
+    """A live view of every shim: tasks, memory, CPU."""
+    from rich.live import Live
+
+    from podshim.cli import render
+    from podshim.cli.diag import survey
+
+    last: dict[int, tuple[float, float]] = {}
+
+    def frame() -> object:
+        views = asyncio.run(survey(timeout=max(0.5, interval / 2)))
+        now = time.monotonic()
+        rates = {}
+        for v in views:
+            if v.tasks is None:
+                continue
+            cpu = v.tasks.shim.cpu_seconds
+            prev = last.get(v.shim.pid)
+            if prev is not None and now > prev[0]:
+                rates[v.shim.pid] = (cpu - prev[1]) / (now - prev[0])
+            last[v.shim.pid] = (now, cpu)
+        return render.top_table(views, rates)
+
+    n = 0
+    with Live(frame(), console=console, auto_refresh=False) as live:  # type: ignore[arg-type]
+        try:
+            while iterations == 0 or n < iterations:
+                n += 1
+                if n > 1:
+                    live.update(frame(), refresh=True)  # type: ignore[arg-type]
+                else:
+                    live.refresh()
+                if iterations == 0 or n < iterations:
+                    time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+
+
+@cli.command()
+@click.argument("pod")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+def logs(pod: str, follow: bool) -> None:
+    """The shim's own log lines (the last ones it keeps in memory), without restarting containerd."""
+    from podshim.api import diag_pb2 as D
+    from podshim.cli.diag import DiagUnavailable, call
+    from podshim.errdefs import ShimError
+
+    view, _ = _pick(pod)
+    after = 0
+    try:
+        while True:
+            try:
+                resp = asyncio.run(call(view.shim, "Logs", D.LogsRequest(after=after), D.LogsResponse))
+            except (DiagUnavailable, ShimError) as e:
+                if after and follow:
+                    click.echo(f"# the shim stopped answering: {e}", err=True)
+                    return
+                raise click.ClickException(f"Logs of {view.label()}: {e}") from e
+            if resp.dropped and after:
+                click.echo(f"# {resp.dropped} line(s) fell out of the shim's buffer", err=True)
+            for line in resp.lines:
+                click.echo(line.text)
+                after = line.seq
+            if not follow:
+                return
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+@click.option("--listen", default="127.0.0.1:9309", show_default=True, help="HOST:PORT for /metrics.")
+@click.option("--timeout", default=2.0, show_default=True, help="Seconds each shim has to answer a scrape.")
+def monitor(listen: str, timeout: float) -> None:
+    """A node-level Prometheus exporter: every shim's metrics at http://LISTEN/metrics."""
+    from podshim.cli import monitor as mon
+
+    server, thread = mon.serve(listen, timeout)
+    console.print(f"serving http://{listen}/metrics", highlight=False)
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        server.shutdown()
 
 
 def main() -> None:

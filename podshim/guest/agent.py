@@ -31,7 +31,8 @@ from typing import Any
 
 from podshim.guest.channel import Channel, find_port
 from podshim.guest.containers import Container, Proc, vm_stats
-from podshim.guest.errors import AgentError, AlreadyExists, FailedPrecondition, NotFound
+from podshim.guest.diag import DiagOps
+from podshim.guest.errors import AgentError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from podshim.guest.log import log
 from podshim.guest.paths import RUNC_ROOT, STATE
 from podshim.guest.reaper import REAPER, run
@@ -43,8 +44,13 @@ from podshim.system.cgroupfs import v2_metrics
 from podshim.system.fds import read_text
 
 
-class Agent(Session):
-    """The operations on containers in the VM."""
+class Agent(Session, DiagOps):
+    """The operations on containers in the VM (and, from :class:`DiagOps`, Diag's guest side)."""
+
+    reaper = REAPER
+    invalid_argument = InvalidArgument
+    not_found = NotFound
+    failure = AgentError
 
     def __init__(self, chan: Channel) -> None:
         super().__init__(chan)

@@ -29,9 +29,13 @@ class Reaper(children.Reaper):
 
     def spawn(self, argv: list[str], fds: dict[int, int], on_exit: Callable[[Exit], None]) -> int:
         """posix_spawn with exactly ``fds`` (child fd -> ours); ``on_exit`` gets its exit."""
+        return self.track(lambda: children.spawn_with_fds(argv, fds, ENV), on_exit)
+
+    def track(self, start: Callable[[], int], on_exit: Callable[[Exit], None]) -> int:
+        """Run ``start`` (which makes a child and returns its pid) and send its exit to ``on_exit``."""
         # The reaper thread may collect the child before the claim: keep its exit till then.
         with self.expecting():
-            pid = children.spawn_with_fds(argv, fds, ENV)
+            pid = start()
             self.claim(pid, on_exit)
         with self._children:
             self._children.notify_all()

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 # start in `start` and another in `delete`, so each action loads only its own modules.
 
 VERSION = "0.1.0"
+PANIC_LOG = "panic.log"
 
 # The process that ran this action (containerd): our parent, except in a zygote's worker, which
 # runs the action on behalf of the entry point containerd started (zygote.py).
@@ -217,16 +218,30 @@ def _run_server(
 
         from podshim.shim import daemon
 
-        daemon.setup_logging(bundle, args.debug)
+        daemon.setup_logging(bundle, args.debug, args.id)
         code = asyncio.run(
-            daemon.serve(sock, namespace=args.namespace, socket_path=path, start_options=start_options)
+            daemon.serve(
+                sock, namespace=args.namespace, socket_path=path, start_options=start_options, bundle=bundle
+            )
         )
     except BaseException:
-        import traceback
-
-        traceback.print_exc()
+        _panic(bundle)
     finally:
         os._exit(code)
+
+
+def _panic(bundle: str) -> None:
+    """Dying of an unhandled exception: the traceback goes to the log FIFO and to
+    ``<bundle>/panic.log``, which the ``delete`` action copies into containerd's log."""
+    import traceback
+
+    text = traceback.format_exc()
+    with contextlib.suppress(Exception):
+        from podshim.shim import logfmt
+
+        os.write(2, logfmt.fatal_line("shim panic: " + text).encode(errors="replace"))
+    with contextlib.suppress(OSError), open(os.path.join(bundle, PANIC_LOG), "w") as f:
+        f.write(text)
 
 
 def _adopt(pid: int, opts: options.ShimOptions) -> None:
@@ -312,12 +327,25 @@ def delete(args: Args) -> int:
     pid = 0
     with contextlib.suppress(OSError, ValueError), open(os.path.join(bundle, "init.pid")) as f:
         pid = int(f.read().strip())
+    _report_panic(bundle, args.id)
     ts = Timestamp()
     ts.FromNanoseconds(time.time_ns())
     resp = task_pb2.DeleteResponse(pid=pid, exit_status=128 + 9, exited_at=ts)
     sys.stdout.buffer.write(resp.SerializeToString())
     sys.stdout.flush()
     return 0
+
+
+def _report_panic(bundle: str, cid: str) -> None:
+    """containerd logs what this action writes to stderr ("cleanup warnings"): a shim that died
+    of an exception left its traceback in the bundle it started in."""
+    try:
+        with open(os.path.join(bundle, PANIC_LOG), errors="replace") as f:
+            text = f.read(64 * 1024)
+    except OSError:
+        return
+    if text:
+        sys.stderr.write(f"found the shim's {PANIC_LOG} while deleting {cid}:\n{text}\n")
 
 
 def _runc_force_delete(binary: str, root: str, bundle: str, cid: str) -> None:

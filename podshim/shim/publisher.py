@@ -19,6 +19,7 @@ from podshim.api import events_ttrpc_pb2
 from podshim.api.typeurls import pack
 from podshim.errdefs import ShimError
 from podshim.events import timestamp
+from podshim.shim.telemetry import TELEMETRY
 from podshim.ttrpc.client import Client
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,11 @@ class EventPublisher:
         self._worker: asyncio.Task[None] | None = None
 
     def publish(self, topic: str, event: Message) -> None:
+        cid = getattr(event, "container_id", "")
+        eid = getattr(event, "exec_id", "")
+        if topic == "/tasks/exit":
+            eid = "" if event.id == cid else event.id  # type: ignore[attr-defined]
+        TELEMETRY.task_event(topic, cid, eid)
         env = events_ttrpc_pb2.Envelope(
             timestamp=timestamp(time.time()), namespace=self.namespace, topic=topic, event=pack(event)
         )
@@ -61,11 +67,14 @@ class EventPublisher:
                 await self._client.call(
                     SERVICE, "Forward", req, empty_pb2.Empty, timeout=FORWARD_TIMEOUT, metadata=meta
                 )
+                TELEMETRY.event("published")
                 return
             except (OSError, ShimError) as e:
                 if attempt == RETRIES:
+                    TELEMETRY.event("dropped")
                     log.error("dropping event %s after %d attempts: %s", req.envelope.topic, attempt + 1, e)
                     return
+                TELEMETRY.event("retried")
                 await asyncio.sleep(RETRY_DELAY * (attempt + 1))
 
     async def close(self, timeout: float = 5.0) -> None:

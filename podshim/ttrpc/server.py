@@ -34,6 +34,11 @@ from podshim.ttrpc.status import CANCELED_MESSAGE, status_of
 
 Handler = Callable[[Message, "RequestContext"], Awaitable[Message]]
 PeerCheck = Callable[[int, int, int], bool]
+Observer = Callable[[str, str, int, float], None]
+"""Told (service, method, status code, seconds) as each request completes."""
+Methods = Mapping[str, "Method"]
+LazyMethods = Callable[[], Methods]
+"""A service whose modules load at its first request (diagnostics: no shim pays for them up front)."""
 
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 
@@ -67,14 +72,23 @@ def same_user(pid: int, uid: int, gid: int) -> bool:
 class Server:
     def __init__(
         self,
-        services: Mapping[str, Mapping[str, Method]],
+        services: Mapping[str, Methods | LazyMethods],
         *,
         peer_check: PeerCheck | None = same_user,
         cancel_on_disconnect: bool = False,
+        observer: Observer | None = None,
     ) -> None:
         # cancel_on_disconnect is off by default: cancelling e.g. a Create half way
         # through because containerd restarted is worse than letting it finish.
-        self._services = {name: dict(methods) for name, methods in services.items()}
+        self._services: dict[str, dict[str, Method]] = {}
+        self._lazy: dict[str, LazyMethods] = {}
+        for name, methods in services.items():
+            if callable(methods):
+                self._lazy[name] = methods
+            else:
+                self._services[name] = dict(methods)
+        self._peer_check = peer_check
+        self._observer = observer
         self._peer_check = peer_check
         self._cancel_on_disconnect = cancel_on_disconnect
         self._conns: set[_Connection] = set()
@@ -162,6 +176,13 @@ class Server:
             )
             return
         methods = self._services.get(req.service)
+        if methods is None and req.service in self._lazy:
+            try:
+                methods = self._services[req.service] = dict(self._lazy[req.service]())
+            except Exception as exc:  # a service that cannot load must not take the connection down
+                conn.send_status(stream_id, Code.INTERNAL, f"service {req.service} failed to load: {exc}")
+                return
+            del self._lazy[req.service]
         if methods is None:
             conn.send_status(stream_id, Code.UNIMPLEMENTED, f"service {req.service}")
             return
@@ -178,7 +199,7 @@ class Server:
         # Like Go's context.WithTimeout: any non-zero value is a deadline, negative = expired.
         deadline = loop.time() + req.timeout_nano / 1e9 if req.timeout_nano else None
         ctx = RequestContext(req.service, req.method, [(kv.key, kv.value) for kv in req.metadata], deadline)
-        task = loop.create_task(_run(conn, stream_id, method.handler, msg, ctx))
+        task = loop.create_task(_run(conn, stream_id, method.handler, msg, ctx, self._observer))
         conn.tasks.add(task)
         task.add_done_callback(conn.tasks.discard)
 
@@ -190,8 +211,15 @@ class Server:
 
 
 async def _run(
-    conn: _Connection, stream_id: int, handler: Handler, msg: Message, ctx: RequestContext
+    conn: _Connection,
+    stream_id: int,
+    handler: Handler,
+    msg: Message,
+    ctx: RequestContext,
+    observer: Observer | None,
 ) -> None:
+    code: int = Code.OK
+    t0 = conn.loop.time() if observer is not None else 0.0
     try:
         if ctx.deadline is None:
             resp = await handler(msg, ctx)
@@ -208,11 +236,14 @@ async def _run(
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise  # we cancelled it (close or disconnect): nobody is waiting for a reply
-        frame = encode_status_frame(stream_id, Code.CANCELLED, CANCELED_MESSAGE)
+        code = Code.CANCELLED
+        frame = encode_status_frame(stream_id, code, CANCELED_MESSAGE)
     except Exception as exc:
         code, message = status_of(exc)
         frame = encode_status_frame(stream_id, code, message)
     conn.write(frame)
+    if observer is not None:
+        observer(ctx.service, ctx.method, code, conn.loop.time() - t0)
 
 
 class _Connection(asyncio.BufferedProtocol):

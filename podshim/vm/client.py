@@ -31,6 +31,7 @@ from typing import Any
 
 from podshim import errdefs
 from podshim.guest import protocol as P
+from podshim.shim.telemetry import TELEMETRY
 from podshim.system import pump
 from podshim.system.stdio import drive
 
@@ -294,8 +295,10 @@ class AgentClient:
 
     async def call(self, op: str, timeout: float = CALL_TIMEOUT, **args: Any) -> dict[str, Any]:
         rid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending[rid] = fut
+        t0 = loop.time()
         try:
             self.send(P.encode_json(P.REQUEST, rid, {"op": op, **args}))
             assert self._writer is not None
@@ -307,6 +310,7 @@ class AgentClient:
             raise AgentGone(f"the agent channel failed: {e}") from e
         finally:
             self._pending.pop(rid, None)
+            TELEMETRY.agent_call(op, loop.time() - t0)
         if resp.get("ok"):
             return resp
         kind = str(resp.get("error", "unknown"))

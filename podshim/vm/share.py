@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 STAGE = "stage"
 VIEW = "shared"
 STAGE_OPTIONS = "mode=0711,size=16m"  # config.json files and mount points only
+DIAG_DIR = ".diag"  # Diag.Share's host paths
 
 
 def stage_dir(run_dir: str) -> str:
@@ -107,7 +108,7 @@ class PodShare:
         except OSError as e:
             raise errdefs.ShimError(f"cannot mount {m.type} {m.source} for {cid}: {e}") from e
 
-    def _bind(self, cid: str, bind: Bind) -> None:
+    def _bind(self, cid: str, bind: Bind, options: tuple[str, ...] = ("rbind",)) -> None:
         """Bind the host path ``bind.source`` at ``<cid>/<bind.name>``; the source is opened once,
         and what is mounted is what was opened (a file or a dir, as it is then)."""
         try:
@@ -120,7 +121,7 @@ class PodShare:
                 safepath.mkdir_beneath(self._fd, rel, 0o755)
             else:
                 safepath.write_beneath(self._fd, rel, b"")
-            self._mount(cid, bind.name, mounts.Mount("bind", f"/proc/self/fd/{src}", ("rbind",)))
+            self._mount(cid, bind.name, mounts.Mount("bind", f"/proc/self/fd/{src}", options))
         finally:
             os.close(src)
 
@@ -141,6 +142,35 @@ class PodShare:
                     clean = False
         if clean:
             shutil.rmtree(cid, dir_fd=self._fd, ignore_errors=True)
+
+    # -- Diag.Share -----------------------------------------------------------------------------
+
+    def add_path(self, name: str, source: str, writable: bool) -> str:
+        """An operator's host path (``podshim share``) at ``.diag/<name>``, read-only unless
+        ``writable`` (enforced here, on the host side of 9p); returns its path below the share.
+        ``.diag`` cannot be a container id (ids start with a letter or digit); it goes with the
+        share."""
+        if DIAG_DIR not in self._mounted:
+            safepath.mkdir_beneath(self._fd, DIAG_DIR, 0o711)
+            self._mounted[DIAG_DIR] = []
+        rel = f"{DIAG_DIR}/{name}"
+        self._bind(DIAG_DIR, Bind(source, name, False), ("rbind",) if writable else ("rbind", "ro"))
+        if not writable:
+            # A remount does not propagate: the copy of the mount in the view, which qemu exports,
+            # is still read-write.  Make that one read-only too (the guest cannot change the view).
+            ro = mounts.MS_REMOUNT | mounts.MS_BIND | mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV
+            view = os.open(self.view, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                with safepath.beneath(view, rel) as target:
+                    mounts._sys_mount("", target, "", ro, "")
+            except OSError:
+                with safepath.beneath(self._fd, rel) as target:  # not shared at all, then
+                    mounts.detach(target, follow=True)
+                self._mounted[DIAG_DIR].remove(rel)
+                raise
+            finally:
+                os.close(view)
+        return rel
 
     # -- the share ----------------------------------------------------------------------------
 

@@ -159,6 +159,8 @@ def _fds(pid: int, cd: PrivateContainerd, cid: str = "<id>") -> list[str]:
     for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
         with contextlib.suppress(OSError):
             target = os.readlink(f"/proc/{pid}/fd/{fd}").replace(str(cd.base), "<base>").replace(cid, "<id>")
+            # A shim's socket (and its lock file) is named by a hash of its pod: <sock>.
+            target = re.sub(r"/s/[0-9a-f]{32,}", "/s/<sock>", target)
             out.append(f"{fd}:{re.sub(r'[0-9]+', 'N', target)}")
     return out
 

@@ -155,3 +155,25 @@ def test_open_beneath_refuses_to_leave_or_follow(
         assert not (root / "d" / "new" / "new").exists() and (root / "d" / "new").is_dir()
     finally:
         os.close(fd)
+
+
+def test_a_read_only_diag_share_is_read_only_in_what_qemu_exports(tmp_path: Path) -> None:
+    """`podshim share` without --writable: the view's copy of the mount (not only the stage's)
+    is read-only, so guest root cannot write the host's files by remounting in the guest."""
+    src = tmp_path / "tools"
+    src.mkdir()
+    share = PodShare(str(tmp_path / "run"))
+    share.open()
+    try:
+        ro = share.add_path("1", str(src), writable=False)
+        rw = share.add_path("2", str(src), writable=True)
+        view = Path(share.view)
+        with pytest.raises(OSError) as e:
+            (view / ro / "new").write_text("x")
+        assert e.value.errno == errno.EROFS
+        assert not (src / "new").exists()
+        (view / rw / "new").write_text("x")  # --writable: written on the host
+        assert (src / "new").read_text() == "x"
+    finally:
+        share.close()
+    assert not _mounted_below(tmp_path)

@@ -377,6 +377,8 @@ class VMBackend(Backend):
         self.containers: dict[str, VMContainer] = {}
         self.owner = ""
         self.boot_seconds = 0.0
+        # time.monotonic() at qemu's spawn, its agent socket, the agent's answer (Diag's boot phases)
+        self.boot_marks: dict[str, float] = {}
         self._procs: dict[tuple[str, str], VMProcess] = {}
         self._early_exits: dict[tuple[str, str], int] = {}
         self._boot_lock = asyncio.Lock()
@@ -423,13 +425,14 @@ class VMBackend(Backend):
         try:
             await asyncio.wait_for(slot.acquire(), BOOT_TIMEOUT)
             try:
-                t_boot = time.monotonic()
+                t_boot = self.boot_marks["spawn"] = time.monotonic()
                 share.open()
                 vm.spawn()
                 vm.on_exit(lambda status: self._lost(f"qemu exited with status {status}"))
                 if self.net is not None:
                     await asyncio.to_thread(network.redirect, self.net)
                 await vm.wait_socket(deadline)
+                self.boot_marks["socket"] = time.monotonic()
                 client = AgentClient(cfg.agent_socket, self._event)
                 connect = asyncio.ensure_future(client.connect(max(1.0, deadline - time.monotonic())))
                 died = asyncio.ensure_future(self._vm_exit())
@@ -441,6 +444,7 @@ class VMBackend(Backend):
                         await connect
                     raise qemu.VMError(f"the pod VM died while booting: {vm.console_tail()}")
                 await connect
+                self.boot_marks["ready"] = time.monotonic()
                 self.attach(client)
                 if self.net is not None:
                     await client.call("network", commands=network.guest_commands(self.net))
