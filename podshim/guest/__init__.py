@@ -1,2 +1,3 @@
-"""The guest side of a pod VM.  Standard library only: it runs on the guest's python3, which is
-the host's ``/usr/bin/python3`` over a read-only 9p export, without podshim's dependencies."""
+"""The guest side of a pod VM.  Standard library only: it runs on the guest's python3, Debian's
+``/usr/bin/python3`` copied with the modules it imports into the guest's initramfs
+(:mod:`podshim.vm.layer`), without podshim's dependencies."""

@@ -1,11 +1,19 @@
 """podshim's guest agent: PID 1 of a pod VM, running containers with runc for the shim.
 
-Runs on the guest's ``/usr/bin/python3`` (the host's, over 9p) with the standard library only,
-started by the initramfs's ``/init`` as ``python3 -m podshim.guest.agent``.  It speaks
-:mod:`podshim.guest.protocol` over a virtio-serial port and:
+Runs on the guest's ``/usr/bin/python3`` with the standard library only, started by the
+initramfs's init as ``python3 -m podshim.guest.agent``.  Python, the modules the agent imports and
+runc live in guest RAM (:mod:`podshim.vm.layer`), so that a VM can be saved as a template once the
+agent is idle and cloned for each pod.  It speaks :mod:`podshim.guest.protocol` over a
+virtio-serial port and:
+
+* is set up for its pod by the host's ``setup`` request, after a cold boot or a restore from a
+  template alike (:meth:`Agent.op_setup`): host entropy into the kernel's pool first, then the
+  clock, the MAC, addresses and hostname, then the pod share; container requests before it are
+  refused;
 
 * creates, starts, execs, kills, pauses, resumes, updates and deletes containers with
-  ``runc --root /run/runc``, from bundles the shim put in the pod share;
+  ``crun --root /run/runc`` (``runc`` when the layer has no crun: both take the same commands),
+  from bundles the shim put in the pod share;
 * carries each process's stdio as DATA streams (pipes, or the pty runc hands back);
 * reports exits and OOM kills as events, and answers stats from the guest's cgroup v2;
 * keeps serving when the shim disconnects and reconnects: the port is a byte pipe that outlives
@@ -19,15 +27,19 @@ child, so no exit status is lost to a racing ``waitpid``.
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
+import fcntl
 import itertools
 import json
 import os
 import select
 import signal
 import socket
+import struct
 import sys
+import termios
 import threading
 import time
 import traceback
@@ -36,7 +48,7 @@ from typing import Any
 
 from podshim.guest import protocol as P
 
-RUNC = "/usr/sbin/runc"
+RUNC = "/usr/bin/crun" if os.path.exists("/usr/bin/crun") else "/usr/sbin/runc"
 RUNC_ROOT = "/run/runc"
 PORT_NAME = "podshim.agent"
 STATE = "/run/podshim/agent-state"
@@ -44,6 +56,17 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 RECONNECT_POLL = 0.02
 UNCLAIMED_KEEP = 1024
+BUSYBOX = "/bb/busybox"
+SHARE_TAG = "podshim-shared"
+SHARE_DIR = "/run/podshim/shared"
+SHARE_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap"
+# <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07)
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+MIN_ENTROPY_BYTES = 32
+# Before setup only these: a VM restored from a template shares its random state with every
+# other clone until the host's entropy is in.
+BEFORE_SETUP = frozenset(("ping", "setup", "state", "vm_stats"))
 
 
 def log(msg: str) -> None:
@@ -412,10 +435,6 @@ class Stdio:
 
     def resize(self, width: int, height: int) -> None:
         if self.master >= 0:
-            import fcntl
-            import struct
-            import termios
-
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
     def close(self) -> None:
@@ -627,6 +646,8 @@ class Agent:
         self._out: dict[int, OutStream] = {}
         self._in: dict[int, InStream] = {}
         self.faults = "podshim.faults=1" in _read("/proc/cmdline")
+        self.set_up = False
+        self._setup_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -715,6 +736,8 @@ class Agent:
             fn = getattr(self, f"op_{op}", None)
             if fn is None:
                 raise InvalidArgument(f"unknown op {op!r}")
+            if not self.set_up and op not in BEFORE_SETUP:
+                raise FailedPrecondition(f"{op} before the VM was set up for its pod")
             result = fn(req)
             resp: dict[str, Any] = {"ok": True, **(result or {})}
         except AgentError as e:
@@ -927,16 +950,38 @@ class Agent:
             procs = [p.snapshot() for c in self.containers.values() for p in c.processes() if p.pid]
         return {"processes": procs}
 
-    def op_network(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Give eth0 the pod's addresses and routes (ip(8) syntax from the host)."""
-        # iproute2's ip from the host's /usr; busybox's only if the host has none.
-        ip = next((p for p in ("/usr/sbin/ip", "/usr/bin/ip") if os.path.exists(p)), "/bb/ip")
-        for argv in req.get("commands") or []:
-            args = [str(a) for a in argv]
-            status, _ = run([ip, *args])
-            if status != 0:
-                raise AgentError(f"ip {' '.join(args)} failed with status {status}")
-        return {}
+    def op_setup(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Make this VM the pod's, after a cold boot or a restore from a template.
+
+        In that order: host entropy into the kernel's pool and a reseed of its generator, before
+        anything can draw from it (every clone of a template resumes with the same pool); the
+        clock (a clone's is the template's); the MAC (a clone keeps the template's whatever qemu
+        was told); hostname, addresses and routes; then the pod share, which could not be mounted
+        while the template was saved."""
+        with self._setup_lock:
+            if self.set_up:
+                raise FailedPrecondition("the VM is already set up")
+            t0 = time.monotonic()
+            mix_entropy(base64.b64decode(str(req.get("entropy") or "")))
+            if req.get("time_ns"):
+                time.clock_settime_ns(time.CLOCK_REALTIME, int(req["time_ns"]))
+            if "random" in sys.modules:
+                sys.modules["random"].seed()
+            if req.get("hostname"):
+                socket.sethostname(str(req["hostname"]))
+            # One shell for every command: under TCG each new process is costly, and a clone's
+            # translation cache starts cold.
+            cmds = []
+            if mac := req.get("mac"):
+                cmds += [["ip", "link", "set", "eth0", "down"], ["ip", "link", "set", "eth0", "address", mac]]
+            cmds += [["ip", *argv] for argv in req.get("network") or []]
+            if req.get("share", True):
+                cmds.append(["mount", "-t", "9p", "-o", SHARE_OPTIONS, SHARE_TAG, SHARE_DIR])
+            t1 = time.monotonic()
+            _busybox_script(cmds)
+            self.set_up = True
+            log(f"set up for the pod in {time.monotonic() - t0:.3f} s ({t1 - t0:.3f} s before the commands)")
+            return {"uptime": float(_read("/proc/uptime").split()[0] or 0)}
 
     def op_shutdown(self, req: dict[str, Any]) -> dict[str, Any]:
         threading.Thread(target=_poweroff, daemon=True).start()
@@ -949,6 +994,36 @@ class Agent:
             raise FailedPrecondition("fault injection is off in this VM")
         log("crashing on request")
         os._exit(70)
+
+
+def mix_entropy(data: bytes) -> None:
+    """Credit the host's random bytes to the kernel's pool, then reseed its generator at once, so
+    that what a clone draws next never depends on when the kernel would reseed by itself."""
+    if len(data) < MIN_ENTROPY_BYTES:
+        raise InvalidArgument(f"setup needs at least {MIN_ENTROPY_BYTES} bytes of host entropy")
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
+
+
+def _quote(arg: object) -> str:
+    return "'" + str(arg).replace("'", "'\\''") + "'"
+
+
+def _busybox_script(cmds: list[list[Any]]) -> None:
+    """Busybox applets in one ``sh -e``; the error names the command that failed."""
+    if not cmds:
+        return
+    lines = []
+    for c in cmds:
+        what = _quote(" ".join(map(str, c)))
+        lines.append(f"{BUSYBOX} {' '.join(_quote(a) for a in c)} || {{ echo {what}; exit 1; }}")
+    status, out = run([BUSYBOX, "sh", "-c", "\n".join(lines)], capture=True)
+    if status != 0:
+        raise AgentError(f"{out.decode(errors='replace').strip() or 'setup'} failed in the VM")
 
 
 def _poweroff() -> None:
