@@ -388,7 +388,7 @@ class VMBackend(Backend):
         self.boot_mode = ""
         self.hostname = ""
         self.timings: dict[str, float] = {}
-        self._booted = False
+        self._booting = False
         self._redirected = False
         self._procs: dict[tuple[str, str], VMProcess] = {}
         self._early_exits: dict[tuple[str, str], int] = {}
@@ -406,6 +406,13 @@ class VMBackend(Backend):
     async def _boot(self, owner: ContainerRequest) -> None:
         """Start the pod's VM: a clone of the shape's template when there is one (built now if
         need be), a cold boot otherwise or when restoring fails, with the reason logged."""
+        self._booting = True
+        try:
+            await self._boot_vm(owner)
+        finally:
+            self._booting = False
+
+    async def _boot_vm(self, owner: ContainerRequest) -> None:
         netns = network.pod_netns(owner.spec)
         if netns:
             try:
@@ -454,7 +461,6 @@ class VMBackend(Backend):
             except BaseException:
                 await self._teardown()
                 raise
-        self._booted = True
         self.boot_seconds = time.monotonic() - t0
         log.info(
             "pod VM %s ready in %.2f s, %s (%s); %s",
@@ -565,7 +571,7 @@ class VMBackend(Backend):
     def _lost(self, why: str) -> None:
         """The VM or its agent is gone: force-exit what ran in it, then clean up.  While it boots,
         the boot itself sees the death and fails (or falls back to a cold boot)."""
-        if self._closing or self._gone or not self._booted:
+        if self._closing or self._gone or self._booting:
             return
         self._gone = why
         live = [p for p in self._procs.values() if p.status is None and p.pid]
