@@ -368,7 +368,6 @@ class QemuVM:
         self._exited: asyncio.Future[reaper.Exit] | None = None
         self._on_exit: list[Callable[[int], None]] = []
         self._console: ConsoleLog | None = None
-        self._state_fd = -1  # the number of qemu's migration descriptor (TEMPLATE, CLONE)
         self._closed = False
 
     @property
@@ -390,20 +389,12 @@ class QemuVM:
         console_r, console = os.pipe2(os.O_CLOEXEC)  # the guest's console, kept within a bound
         self._console = ConsoleLog(console_r, cfg.console_log)
         netns_fd = os.open(cfg.netns, os.O_RDONLY | os.O_CLOEXEC) if cfg.netns else -1
-        # The migration stream goes through a descriptor qemu inherits (``fd:<n>``): under its
-        # sandbox (spawn=deny) an ``exec:`` migration could not start its helper.
-        state_fd = -1
-        if cfg.boot is Boot.CLONE:
-            state_fd = os.open(cfg.state_file, os.O_RDONLY | os.O_CLOEXEC)
-        elif cfg.boot is Boot.TEMPLATE:
-            state_fd = os.open(cfg.state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             self.started_at = time.monotonic()
             proc, self._exited = reaper.spawn(
                 argv,
                 stdout=console,
                 stderr=console,
-                pass_fds=(state_fd,) if state_fd >= 0 else (),
                 start_new_session=True,
                 preexec_fn=_enter_netns_and_die_with_parent(netns_fd),
             )
@@ -414,9 +405,7 @@ class QemuVM:
             os.close(console)
             if netns_fd >= 0:
                 os.close(netns_fd)
-            if state_fd >= 0:
-                os.close(state_fd)  # qemu has its own copy, under the same number
-        self._state_fd = state_fd
+
         self.pid = proc.pid
         self._exited.add_done_callback(self._qemu_exited)
         with open(os.path.join(cfg.run_dir, "qemu.pid"), "w") as f:
@@ -448,11 +437,21 @@ class QemuVM:
         except (QMPError, OSError) as e:
             raise VMError(f"qemu's control socket: {e}: {self.console_tail()}") from e
 
-    async def _migration(self, qmp: QMP, uri: str, incoming: bool) -> None:
+    async def _migration(self, qmp: QMP, incoming: bool) -> None:
+        """Start the migration to or from the config's state file.  qemu gets the file as a
+        descriptor (``getfd``): its sandbox denies the helper process an ``exec:`` URI needs."""
+        if incoming:
+            fd = os.open(self.cfg.state_file, os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            fd = os.open(self.cfg.state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await qmp.execute("getfd", fd=fd, fdname="state")
+        finally:
+            os.close(fd)  # qemu holds its own now
         # Shared RAM (the template's file) is not sent: the state is the devices and CPUs only.
         caps = [{"capability": "x-ignore-shared", "state": True}]
         await qmp.execute("migrate-set-capabilities", capabilities=caps)
-        await qmp.execute("migrate-incoming" if incoming else "migrate", uri=uri)
+        await qmp.execute("migrate-incoming" if incoming else "migrate", uri="fd:state")
 
     async def restore(self, deadline: float) -> None:
         """CLONE: load the template's device state; the guest resumes by itself once loaded.  A
@@ -463,7 +462,7 @@ class QemuVM:
             return bool((await qmp.execute("query-status")).get("status") == "running")
 
         try:
-            await self._migration(qmp, f"fd:{self._state_fd}", incoming=True)
+            await self._migration(qmp, incoming=True)
             await _until(running, deadline, "the clone's restore")
         except (QMPError, OSError) as e:
             raise VMError(f"cannot restore from the template: {e}: {self.console_tail()}") from e
@@ -481,7 +480,7 @@ class QemuVM:
             return bool(info.get("status") == "completed")
 
         try:
-            await self._migration(qmp, f"fd:{self._state_fd}", incoming=False)
+            await self._migration(qmp, incoming=False)
             await _until(saved, deadline, "the template's save")
         except (QMPError, OSError) as e:
             raise VMError(f"cannot save the template: {e}") from e
