@@ -47,8 +47,9 @@ GUEST_AGENT_ROOT = "/usr/lib/podshim"
 INIT = "/podshim/init"  # the kernel's rdinit=
 AGENT_FILES = ("__init__.py", "agent.py", "protocol.py")
 # Imported lazily (os.wait4 imports resource), or by python's start-up under other locales: in
-# at template time all the same, so that no import after a restore reads a file.
-EXTRA_MODULES = ("runpy", "resource", "encodings.ascii", "encodings.latin_1", "encodings.utf_8")
+# at template time all the same, so that no import after a restore reads a file.  ctypes is not
+# the agent's: it is there for guest-side tools (the hostile-guest tests use it as guest root).
+EXTRA_MODULES = ("runpy", "resource", "encodings.ascii", "encodings.latin_1", "encodings.utf_8", "ctypes")
 
 # PID 1 of a guest built with the layer.  Stage 1 runs in the initramfs: runc's pivot_root
 # cannot leave an initramfs root, so it copies the tree onto a tmpfs and switch_roots there.
