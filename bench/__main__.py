@@ -30,7 +30,11 @@ SCENARIOS: dict[str, Scenario] = {
     profile.NAME: (profile.run, {"actions": 10, "churn": 10}, {"actions": 1, "churn": 1}),
     scale.NAME: (scale.run, {"counts": (1, 10, 50, 100)}, {"counts": (1,)}),
     execstorm.NAME: (execstorm.run, {"calls": 200}, {"calls": 2}),
-    vmpod.NAME: (vmpod.run, {"iterations": 3, "warmup": 0}, {"iterations": 1, "warmup": 0}),
+    vmpod.NAME: (
+        vmpod.run,
+        {"iterations": 3, "warmup": 0, "side_by_side": (1, 3, 10)},
+        {"iterations": 1, "warmup": 0, "side_by_side": (1,)},
+    ),
 }
 
 

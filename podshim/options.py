@@ -46,6 +46,7 @@ class VMSettings:
     initrd_path: str = ""
     max_memory_mib: int = 0  # what pod annotations may ask for; 0: no more than memory_mib / vcpus
     max_vcpus: int = 0
+    template: bool = True  # clone pod VMs from a template of their shape; False: boot cold
 
 
 @dataclass

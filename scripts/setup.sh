@@ -27,7 +27,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # --- 1. Debian packages -------------------------------------------------------------------------
-PACKAGES=(containerd runc busybox-static containernetworking-plugins iproute2 util-linux gcc libc6-dev
+PACKAGES=(containerd runc crun busybox-static containernetworking-plugins iproute2 util-linux gcc libc6-dev
           python3 python3-venv qemu-system-x86)
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 missing=()

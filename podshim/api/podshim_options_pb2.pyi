@@ -38,17 +38,19 @@ class HostOptions(_message.Message):
     def __init__(self, allowed_rootfs_locations: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VMOptions(_message.Message):
-    __slots__ = ("memory_mib", "vcpus", "kernel_path", "initrd_path", "max_memory_mib", "max_vcpus")
+    __slots__ = ("memory_mib", "vcpus", "kernel_path", "initrd_path", "max_memory_mib", "max_vcpus", "template")
     MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
     VCPUS_FIELD_NUMBER: _ClassVar[int]
     KERNEL_PATH_FIELD_NUMBER: _ClassVar[int]
     INITRD_PATH_FIELD_NUMBER: _ClassVar[int]
     MAX_MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
     MAX_VCPUS_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     memory_mib: int
     vcpus: int
     kernel_path: str
     initrd_path: str
     max_memory_mib: int
     max_vcpus: int
-    def __init__(self, memory_mib: _Optional[int] = ..., vcpus: _Optional[int] = ..., kernel_path: _Optional[str] = ..., initrd_path: _Optional[str] = ..., max_memory_mib: _Optional[int] = ..., max_vcpus: _Optional[int] = ...) -> None: ...
+    template: bool
+    def __init__(self, memory_mib: _Optional[int] = ..., vcpus: _Optional[int] = ..., kernel_path: _Optional[str] = ..., initrd_path: _Optional[str] = ..., max_memory_mib: _Optional[int] = ..., max_vcpus: _Optional[int] = ..., template: bool = ...) -> None: ...

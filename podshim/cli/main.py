@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import click
@@ -16,6 +17,8 @@ from podshim.cli import install as installing
 
 if TYPE_CHECKING:
     from podshim.cli.diag import ShimView
+    from podshim.vm.image import Image
+    from podshim.vm.layer import Layer
 
 console = Console()
 
@@ -75,14 +78,49 @@ def install(
     "--dir", "directory", default="", help="Cache dir [default: $PODSHIM_VM_DIR or /var/lib/podshim/vm]."
 )
 @click.option("--force", is_flag=True, help="Rebuild even when the cache is up to date.")
-def vm_image(directory: str, force: bool) -> None:
-    """Prepare the pod VM's kernel and initramfs from Debian packages (cached, idempotent)."""
-    from podshim.vm import image
+@click.option(
+    "--template/--no-template",
+    default=True,
+    help="Also build the VM template of the default shape (256 MiB, 1 vCPU), as the first VM pod would.",
+)
+def vm_image(directory: str, force: bool, template: bool) -> None:
+    """Prepare the pod VM's kernel and initramfs (Debian's kernel, our guest layer) and the
+    default VM template (cached, idempotent)."""
+    from podshim.vm import image, layer
+
+    def say(msg: str) -> None:
+        console.print(msg, highlight=False)
 
     try:
-        image.prepare(directory, force=force, log=lambda msg: console.print(msg, highlight=False))
+        img = image.prepare(directory, force=force, log=say)
+        guest = layer.prepare(img, force=force, log=say)
     except image.ImageError as e:
         raise click.ClickException(str(e)) from e
+    if template:
+        _default_template(img, guest, say)
+
+
+def _default_template(img: Image, guest: Layer, say: Callable[[str], None]) -> None:
+    from podshim.backends.vm.spec import DEFAULT_MEMORY_MIB, DEFAULT_VCPUS
+    from podshim.system.reaper import REAPER
+    from podshim.vm import template
+
+    shape = template.Shape(DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, img.kernel, guest.initrd)
+
+    async def run() -> template.Template:
+        REAPER.install(asyncio.get_running_loop())
+        try:
+            return await template.ensure(shape, template.root(img.dir))
+        finally:
+            REAPER.uninstall()
+
+    try:
+        t = asyncio.run(run())
+    except template.TemplateUnavailable as e:
+        # Not fatal: pods boot cold and say why.
+        say(f"no VM template: {e}")
+        return
+    say(f"VM template ready: {t.dir}")
 
 
 # -- diagnostics ----------------------------------------------------------------------------------

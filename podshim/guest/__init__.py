@@ -1,10 +1,11 @@
-"""The guest side of a pod VM.  Standard library only: it runs on the guest's python3, which is
-the host's ``/usr/bin/python3`` over a read-only 9p export, without podshim's dependencies.
+"""The guest side of a pod VM.  Standard library only: it runs on the guest's python3, Debian's
+``/usr/bin/python3`` copied with the modules it imports into the guest's initramfs
+(:mod:`podshim.vm.layer`), without podshim's dependencies.
 
 The agent shares each mechanism with the shim (the reaper, runc's command line, the cgroup
 readers, the stdio pumps, the OOM watch): those live in ``podshim.system`` modules that import
 nothing outside the standard library.  :data:`MODULES` names every podshim module the agent
-imports; :func:`stage` lays them out for the guest.
+imports; :func:`export_files` lays them out for the guest layer.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ MODULES = (
 this list to the agent's real import graph, and to the standard library for everything else)."""
 
 SHARED_DIR = "system"
-"""Where :func:`stage` puts the ``podshim.system`` modules, inside the agent's export."""
+"""Where :func:`export_files` puts the ``podshim.system`` modules, inside the agent's export."""
 
 
-def _source(module: str) -> str:
+def source_file(module: str) -> str:
     """The file of a module of the podshim package, found without importing it."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parts = module.split(".")[1:]
@@ -52,7 +53,7 @@ def _source(module: str) -> str:
 def export_files() -> dict[str, bytes]:
     """The agent's export, path inside it -> content: :data:`MODULES` laid out for the guest.
 
-    The image's ``/init`` mounts the export at ``podshim/guest`` (on an empty ``podshim``
+    The guest layer puts the export at ``podshim/guest`` (in an empty ``podshim``
     package), so the guest package's modules go at its top and the shared ``podshim.system``
     ones into ``system/``, where :func:`_find_shared` looks for them.  Each comes with its
     bytecode: the guest writes none (its tree is read-only) and compiling ~2,000 lines at
@@ -60,7 +61,7 @@ def export_files() -> dict[str, bytes]:
     files = {}
     for module in MODULES:
         parts = module.split(".")
-        src = _source(module)
+        src = source_file(module)
         inner = [*parts[2:-1], os.path.basename(src)] if len(parts) > 2 else ["__init__.py"]
         rel = os.path.join(*(inner if parts[1] == "guest" else [SHARED_DIR, *inner]))
         with open(src, "rb") as f:
@@ -84,22 +85,9 @@ def _bytecode(rel: str, source: bytes) -> dict[str, bytes]:
     return {cached: pyc}
 
 
-def stage(dest: str, files: dict[str, bytes] | None = None) -> None:
-    """Write the agent's export (:func:`export_files`, or ``files`` read earlier) into ``dest``.
-
-    A copy, not the installed package: the guest gets exactly the modules it needs, and a shim
-    that read them when its VM backend was created gives every VM the same version, whatever
-    happens to the installed package meanwhile."""
-    for rel, data in (files if files is not None else export_files()).items():
-        path = os.path.join(dest, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
-
-
 def _find_shared() -> None:
     """In a guest, ``podshim`` is an empty package with this one mounted in it, and the shared
-    modules are staged inside this one (:func:`stage`): let ``podshim.system`` be found there.
+    modules are inside this one (:func:`export_files`): let ``podshim.system`` be found there.
     On the host (and in an image that holds the whole tree) ``podshim/system`` exists and this
     does nothing."""
     here = os.path.dirname(os.path.abspath(__file__))

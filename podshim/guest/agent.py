@@ -21,10 +21,15 @@ rest by concern (:mod:`.channel`, :mod:`.stdio`, :mod:`.containers`, :mod:`.reap
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import fcntl
 import json
 import os
 import signal
+import socket
+import struct
+import sys
 import threading
 import time
 from typing import Any
@@ -34,7 +39,7 @@ from podshim.guest.containers import Container, Proc, vm_stats
 from podshim.guest.diag import DiagOps
 from podshim.guest.errors import AgentError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from podshim.guest.log import log
-from podshim.guest.paths import RUNC_ROOT, STATE
+from podshim.guest.paths import BUSYBOX, RUNC_ROOT, SHARE_DIR, SHARE_OPTIONS, SHARE_TAG, STATE
 from podshim.guest.reaper import REAPER, run
 from podshim.guest.runc import RuncError, runc
 from podshim.guest.session import Session
@@ -42,6 +47,14 @@ from podshim.guest.stdio import Stdio
 from podshim.system import runc_command as cmd
 from podshim.system.cgroupfs import v2_metrics
 from podshim.system.fds import read_text
+
+# <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07)
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+MIN_ENTROPY_BYTES = 32
+# Before setup only these: a VM restored from a template shares its random state with every
+# other clone until the host's entropy is in.
+BEFORE_SETUP = frozenset(("ping", "setup", "state", "vm_stats"))
 
 
 class Agent(Session, DiagOps):
@@ -57,6 +70,12 @@ class Agent(Session, DiagOps):
         self.containers: dict[str, Container] = {}
         self._creating: set[str] = set()
         self.faults = "podshim.faults=1" in read_text("/proc/cmdline")
+        self.set_up = False
+        self._setup_lock = threading.Lock()
+
+    def admit(self, op: str) -> None:
+        if not self.set_up and op not in BEFORE_SETUP:
+            raise FailedPrecondition(f"{op} before the VM was set up for its pod")
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [p.snapshot() for c in self.containers.values() for p in c.processes() if p.pid]
@@ -263,16 +282,38 @@ class Agent(Session, DiagOps):
         with self._lock:
             return {"processes": self.snapshot()}
 
-    def op_network(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Give eth0 the pod's addresses and routes (ip(8) syntax from the host)."""
-        # iproute2's ip from the host's /usr; busybox's only if the host has none.
-        ip = next((p for p in ("/usr/sbin/ip", "/usr/bin/ip") if os.path.exists(p)), "/bb/ip")
-        for argv in req.get("commands") or []:
-            args = [str(a) for a in argv]
-            status, _ = run([ip, *args])
-            if status != 0:
-                raise AgentError(f"ip {' '.join(args)} failed with status {status}")
-        return {}
+    def op_setup(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Make this VM the pod's, after a cold boot or a restore from a template.
+
+        In that order: host entropy into the kernel's pool and a reseed of its generator, before
+        anything can draw from it (every clone of a template resumes with the same pool); the
+        clock (a clone's is the template's); the MAC (a clone keeps the template's whatever qemu
+        was told); hostname, addresses and routes; then the pod share, which could not be mounted
+        while the template was saved."""
+        with self._setup_lock:
+            if self.set_up:
+                raise FailedPrecondition("the VM is already set up")
+            t0 = time.monotonic()
+            mix_entropy(base64.b64decode(str(req.get("entropy") or "")))
+            if req.get("time_ns"):
+                time.clock_settime_ns(time.CLOCK_REALTIME, int(req["time_ns"]))
+            if "random" in sys.modules:
+                sys.modules["random"].seed()
+            if req.get("hostname"):
+                socket.sethostname(str(req["hostname"]))
+            # One shell for every command: under TCG each new process is costly, and a clone's
+            # translation cache starts cold.
+            cmds = []
+            if mac := req.get("mac"):
+                cmds += [["ip", "link", "set", "eth0", "down"], ["ip", "link", "set", "eth0", "address", mac]]
+            cmds += [["ip", *argv] for argv in req.get("network") or []]
+            if req.get("share", True):
+                cmds.append(["mount", "-t", "9p", "-o", SHARE_OPTIONS, SHARE_TAG, SHARE_DIR])
+            t1 = time.monotonic()
+            _busybox_script(cmds)
+            self.set_up = True
+            log(f"set up for the pod in {time.monotonic() - t0:.3f} s ({t1 - t0:.3f} s before the commands)")
+            return {"uptime": float(read_text("/proc/uptime").split()[0] or 0)}
 
     def op_shutdown(self, req: dict[str, Any]) -> dict[str, Any]:
         threading.Thread(target=_poweroff, daemon=True).start()
@@ -285,6 +326,36 @@ class Agent(Session, DiagOps):
             raise FailedPrecondition("fault injection is off in this VM")
         log("crashing on request")
         os._exit(70)
+
+
+def mix_entropy(data: bytes) -> None:
+    """Credit the host's random bytes to the kernel's pool, then reseed its generator at once, so
+    that what a clone draws next never depends on when the kernel would reseed by itself."""
+    if len(data) < MIN_ENTROPY_BYTES:
+        raise InvalidArgument(f"setup needs at least {MIN_ENTROPY_BYTES} bytes of host entropy")
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
+
+
+def _quote(arg: object) -> str:
+    return "'" + str(arg).replace("'", "'\\''") + "'"
+
+
+def _busybox_script(cmds: list[list[Any]]) -> None:
+    """Busybox applets in one ``sh -e``; the error names the command that failed."""
+    if not cmds:
+        return
+    lines = []
+    for c in cmds:
+        what = _quote(" ".join(map(str, c)))
+        lines.append(f"{BUSYBOX} {' '.join(_quote(a) for a in c)} || {{ echo {what}; exit 1; }}")
+    status, out = run([BUSYBOX, "sh", "-c", "\n".join(lines)], capture=True)
+    if status != 0:
+        raise AgentError(f"{out.decode(errors='replace').strip() or 'setup'} failed in the VM")
 
 
 def _poweroff() -> None:

@@ -35,6 +35,9 @@ class Session:
         self._out: dict[int, OutStream] = {}
         self._in: dict[int, InStream] = {}
 
+    def admit(self, op: str) -> None:
+        """Raise an AgentError if ``op`` may not run now (the subclass's rule; any by default)."""
+
     def snapshot(self) -> list[dict[str, Any]]:
         """Every process, for a new session's HELLO answer (called under ``_lock``)."""
         raise NotImplementedError
@@ -126,6 +129,7 @@ class Session:
             fn = getattr(self, f"op_{op}", None)
             if fn is None:
                 raise InvalidArgument(f"unknown op {op!r}")
+            self.admit(op)
             result = fn(req)
             resp: dict[str, Any] = {"ok": True, **(result or {})}
         except AgentError as e:

@@ -9,11 +9,11 @@ here into the ELF ``vmlinux`` that qemu boots through the PVH entry point: under
 about 2.3 s of in-guest xz decompression and the real-mode setup code.
 
 The initramfs is a newc cpio holding static busybox, the modules the guest needs (virtio, 9p,
-overlay, net: all modules in Debian's kernel), and ``/init`` (:data:`INIT_SCRIPT`).  It is left
-uncompressed because decompressing it under TCG costs more than reading 4 MB.  The guest agent
-is not in it: it comes over a read-only 9p export of the modules it needs
-(:data:`podshim.guest.MODULES`, staged by :func:`podshim.guest.stage`), so upgrading podshim
-never needs a new image.
+overlay, net: all modules in Debian's kernel), and a legacy ``/init`` (:data:`INIT_SCRIPT`,
+which booted the guest's userland over 9p; the kernel now starts the guest layer's init through
+``rdinit=``).  It is left uncompressed because decompressing it under TCG costs more than reading
+4 MB.  The guest's userland, the agent included, is a second archive appended to this one: the
+guest layer of :mod:`podshim.vm.layer`, rebuilt whenever podshim changes.
 """
 
 from __future__ import annotations
@@ -218,18 +218,25 @@ def load_order(wanted: Iterable[str], depends: Callable[[str], list[str]], known
 
 
 class Cpio:
-    """A newc ("070701") cpio writer: enough for an initramfs, every mtime 0 so builds repeat."""
+    """A newc ("070701") cpio writer: enough for an initramfs; mtimes are 0 unless given, so
+    builds repeat."""
 
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
         self._ino = 0
 
     def _entry(
-        self, name: str, mode: int, data: bytes = b"", nlink: int = 1, rdev: tuple[int, int] = (0, 0)
+        self,
+        name: str,
+        mode: int,
+        data: bytes = b"",
+        nlink: int = 1,
+        rdev: tuple[int, int] = (0, 0),
+        mtime: int = 0,
     ) -> None:
         self._ino += 1
         encoded = name.encode() + b"\0"
-        fields = (self._ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+        fields = (self._ino, mode, 0, 0, nlink, mtime, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
         header = b"070701" + "".join(f"{v:08X}" for v in fields).encode()
         self.out.write(header + encoded)
         self._align(len(header) + len(encoded))
@@ -243,8 +250,8 @@ class Cpio:
     def directory(self, name: str, mode: int = 0o755) -> None:
         self._entry(name, stat.S_IFDIR | mode, nlink=2)
 
-    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        self._entry(name, stat.S_IFREG | mode, data)
+    def file(self, name: str, data: bytes, mode: int = 0o644, mtime: int = 0) -> None:
+        self._entry(name, stat.S_IFREG | mode, data, mtime=mtime)
 
     def symlink(self, name: str, target: str) -> None:
         self._entry(name, stat.S_IFLNK | 0o777, target.encode())

@@ -7,10 +7,16 @@ Devices:
 * a virtio-serial port named ``podshim.agent`` on a unix-socket chardev: the agent channel
   (the only transport this build has; AF_VSOCK would slot in beside it on hosts with
   vhost-vsock, which the machines we test on lack);
-* three 9p exports: the host's ``/usr`` read-only (the guest's whole userland), the agent's
-  modules read-only (:data:`podshim.guest.MODULES`, staged in the run dir), and the pod's rw
-  share, into which the backend bind-mounts each container's rootfs and mounts;
-* optionally a virtio-net device on a tap in the pod's network namespace.
+* one 9p export: the pod's rw share, into which the backend bind-mounts each container's rootfs
+  and mounts.  The guest's userland (python, the agent, runc) is in its initramfs
+  (:mod:`podshim.vm.layer`), not on the host;
+* a virtio-net device, on a tap in the pod's network namespace when the pod has a network, and
+  unplugged otherwise: the device set is the same for every pod, so one template serves all.
+
+Three ways to start (:class:`Boot`): a cold boot of the kernel; a *template* boot, whose RAM is a
+shared file that :mod:`podshim.vm.template` saves once the agent is idle; and a *clone*, which
+maps that file privately (copy on write) and resumes from the template's device state instead
+of booting (``-incoming defer``, then ``migrate-incoming`` over QMP).
 
 qemu runs as our child through the shim's reaper, with ``PR_SET_PDEATHSIG`` so that even a
 SIGKILLed shim leaves no VM behind.  Boots are limited across every shim on the host by a few
@@ -30,13 +36,15 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import Enum
 
-from podshim import guest
 from podshim.system import mounts, reaper
 from podshim.vm import image as vmimage
+from podshim.vm import layer as vmlayer
 from podshim.vm.console import ConsoleLog
+from podshim.vm.qmp import QMP, QMPError
 from podshim.vm.share import stage_dir
 
 log = logging.getLogger(__name__)
@@ -53,8 +61,6 @@ PR_SET_PDEATHSIG = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
-# Read once, with the VM backend: every VM of this shim runs the agent of this shim's version.
-AGENT_FILES = guest.export_files()
 
 
 class VMError(Exception):
@@ -127,6 +133,12 @@ class Tap:
     mac: str
 
 
+class Boot(Enum):
+    COLD = "cold"
+    TEMPLATE = "template"  # a cold boot whose RAM is a shared file, to be saved
+    CLONE = "clone"  # resumes from a saved template, its RAM the template's file, privately
+
+
 @dataclass(frozen=True)
 class VMConfig:
     name: str
@@ -135,18 +147,20 @@ class VMConfig:
     kernel: str
     initrd: str
     run_dir: str
-    agent_dir: str = ""  # the agent's export; by default staged in the run dir (guest.stage)
     netns: str = ""
     tap: Tap | None = None
     faults: bool = False
-
-    @property
-    def agent_export(self) -> str:
-        return self.agent_dir or os.path.join(self.run_dir, "agent")
+    boot: Boot = Boot.COLD
+    memory_file: str = ""  # TEMPLATE and CLONE: the template's RAM
+    state_file: str = ""  # CLONE: the template's device state; TEMPLATE: where it is saved
 
     @property
     def agent_socket(self) -> str:
         return os.path.join(self.run_dir, "agent.sock")
+
+    @property
+    def qmp_socket(self) -> str:
+        return os.path.join(self.run_dir, "qmp.sock")
 
     @property
     def shared_dir(self) -> str:
@@ -161,6 +175,9 @@ def kernel_cmdline(accel: Accel, tsc_khz: int, faults: bool = False) -> str:
     parts = [
         "console=ttyS0",
         "panic=-1",  # with -no-reboot: an agent (PID 1) crash ends qemu
+        # A triple fault: a restored clone ignores the ACPI reset (its guest lands in the
+        # firmware and halts there), so -no-reboot would never end its qemu.
+        "reboot=t",
         "quiet",
         "cryptomgr.notests",
         "random.trust_cpu=on",
@@ -170,6 +187,7 @@ def kernel_cmdline(accel: Accel, tsc_khz: int, faults: bool = False) -> str:
         "audit=0",
         "apparmor=0",
         "lsm=capability",
+        f"rdinit={vmlayer.INIT}",
     ]
     if accel.name == "tcg":
         if tsc_khz:
@@ -184,7 +202,8 @@ def kernel_cmdline(accel: Accel, tsc_khz: int, faults: bool = False) -> str:
 # Once the machine is built, qemu runs under its seccomp filter: no obsolete syscalls, no setuid
 # or capability changes, no fork/exec (it spawns no helper: the tap is opened with script=no),
 # no scheduler or resource-limit changes.  Beside it: -nodefaults (no default NIC, monitor,
-# serial or parallel port, no -netdev user), -no-user-config, and no monitor at all.
+# serial or parallel port, no -netdev user), -no-user-config, and no monitor but, for templates and
+# clones, a QMP socket in the run dir (the migration's control; the guest cannot reach it).
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -192,8 +211,14 @@ def hardening_args() -> list[str]:
     return ["-sandbox", SANDBOX]
 
 
+TEMPLATE_MAC = "02:00:00:00:00:01"  # the guest keeps it after a restore until setup changes it
+
+
 def qemu_argv(cfg: VMConfig, accel: Accel, tsc_khz: int) -> list[str]:
-    argv = [QEMU, "-name", cfg.name, "-M", "microvm"]
+    machine = "microvm"
+    if cfg.boot is not Boot.COLD:
+        machine += ",memory-backend=mem"
+    argv = [QEMU, "-name", cfg.name, "-M", machine]
     if accel.name == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -204,25 +229,40 @@ def qemu_argv(cfg: VMConfig, accel: Accel, tsc_khz: int) -> list[str]:
         *hardening_args(),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-serial", "stdio",
-        "-kernel", cfg.kernel,
-        "-initrd", cfg.initrd,
-        "-append", kernel_cmdline(accel, tsc_khz, cfg.faults),
-        "-fsdev", "local,id=usr,path=/usr,security_model=none,readonly=on,multidevs=forbid",
-        "-device", f"virtio-9p-device,fsdev=usr,mount_tag={vmimage.TAG_USR}",
-        "-fsdev", f"local,id=agent,path={cfg.agent_export},security_model=none,readonly=on,multidevs=forbid",
-        "-device", f"virtio-9p-device,fsdev=agent,mount_tag={vmimage.TAG_AGENT}",
+    ]  # fmt: skip
+    if cfg.boot is not Boot.COLD:
+        # share=on: the template's guest writes its RAM into the file; share=off: a clone maps
+        # it privately, so its writes are copies of its own and the file never changes.
+        share = "on" if cfg.boot is Boot.TEMPLATE else "off"
+        argv += [
+            "-object",
+            f"memory-backend-file,id=mem,size={cfg.memory_mib}M,mem-path={cfg.memory_file},share={share}",
+            "-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off",
+        ]  # fmt: skip
+    if cfg.boot is Boot.CLONE:
+        argv += ["-incoming", "defer"]
+    else:
+        argv += [
+            "-kernel",
+            cfg.kernel,
+            "-initrd",
+            cfg.initrd,
+            "-append",
+            kernel_cmdline(accel, tsc_khz, cfg.faults),
+        ]
+    net = f"virtio-net-device,id=nic0,mac={cfg.tap.mac if cfg.tap else TEMPLATE_MAC}"
+    if cfg.tap is not None:
+        argv += ["-netdev", f"tap,id=net0,ifname={cfg.tap.ifname},script=no,downscript=no"]
+        net += ",netdev=net0"
+    argv += [
         # remap: the share holds bind mounts of other filesystems (rootfs overlays, files).
         "-fsdev", f"local,id=shared,path={cfg.shared_dir},security_model=none,multidevs=remap",
         "-device", f"virtio-9p-device,fsdev=shared,mount_tag={vmimage.TAG_SHARED}",
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={cfg.agent_socket},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+        "-device", net,
     ]  # fmt: skip
-    if cfg.tap is not None:
-        argv += [
-            "-netdev", f"tap,id=net0,ifname={cfg.tap.ifname},script=no,downscript=no",
-            "-device", f"virtio-net-device,netdev=net0,mac={cfg.tap.mac}",
-        ]  # fmt: skip
     return argv
 
 
@@ -334,6 +374,11 @@ class BootSlot:
             self.fd = -1
 
 
+def boot_slot(root: str = "") -> BootSlot:
+    """A slot among ``$PODSHIM_VM_BOOT_SLOTS`` (default 2) under the run root."""
+    return BootSlot(root or run_root(), int(os.environ.get(BOOT_SLOTS_ENV) or DEFAULT_BOOT_SLOTS))
+
+
 # -- the VM -------------------------------------------------------------------------------------
 
 
@@ -372,8 +417,6 @@ class QemuVM:
     def spawn(self) -> None:
         cfg = self.cfg
         os.makedirs(cfg.shared_dir, exist_ok=True)
-        if not cfg.agent_dir:
-            guest.stage(cfg.agent_export, AGENT_FILES)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(cfg.agent_socket)
         argv = qemu_argv(cfg, self.accel, host_tsc_khz() if self.accel.name == "tcg" else 0)
@@ -398,6 +441,7 @@ class QemuVM:
             os.close(console)
             if netns_fd >= 0:
                 os.close(netns_fd)
+
         self.pid = proc.pid
         self._exited.add_done_callback(self._qemu_exited)
         with open(os.path.join(cfg.run_dir, "qemu.pid"), "w") as f:
@@ -422,6 +466,62 @@ class QemuVM:
             if time.monotonic() > deadline:
                 raise VMError("qemu did not create its agent socket")
             await asyncio.sleep(0.01)
+
+    async def _qmp(self, deadline: float) -> QMP:
+        try:
+            return await QMP.connect(self.cfg.qmp_socket, max(0.1, deadline - time.monotonic()))
+        except (QMPError, OSError) as e:
+            raise VMError(f"qemu's control socket: {e}: {self.console_tail()}") from e
+
+    async def _migration(self, qmp: QMP, incoming: bool) -> None:
+        """Start the migration to or from the config's state file.  qemu gets the file as a
+        descriptor (``getfd``): its sandbox denies the helper process an ``exec:`` URI needs."""
+        if incoming:
+            fd = os.open(self.cfg.state_file, os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            fd = os.open(self.cfg.state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await qmp.execute("getfd", fd=fd, fdname="state")
+        finally:
+            os.close(fd)  # qemu holds its own now
+        # Shared RAM (the template's file) is not sent: the state is the devices and CPUs only.
+        caps = [{"capability": "x-ignore-shared", "state": True}]
+        await qmp.execute("migrate-set-capabilities", capabilities=caps)
+        await qmp.execute("migrate-incoming" if incoming else "migrate", uri="fd:state")
+
+    async def restore(self, deadline: float) -> None:
+        """CLONE: load the template's device state; the guest resumes by itself once loaded.  A
+        state qemu cannot load makes it exit, which is a VMError here."""
+        qmp = await self._qmp(deadline)
+
+        async def running() -> bool:
+            return bool((await qmp.execute("query-status")).get("status") == "running")
+
+        try:
+            await self._migration(qmp, incoming=True)
+            await _until(running, deadline, "the clone's restore")
+        except (QMPError, OSError) as e:
+            raise VMError(f"cannot restore from the template: {e}: {self.console_tail()}") from e
+        finally:
+            qmp.close()
+
+    async def save(self, deadline: float) -> None:
+        """TEMPLATE: write the device state to the config's state file; the guest stays paused."""
+        qmp = await self._qmp(deadline)
+
+        async def saved() -> bool:
+            info = await qmp.execute("query-migrate")
+            if info.get("status") in ("failed", "cancelled"):
+                raise VMError(f"saving the template failed: {info.get('error-desc') or info.get('status')}")
+            return bool(info.get("status") == "completed")
+
+        try:
+            await self._migration(qmp, incoming=False)
+            await _until(saved, deadline, "the template's save")
+        except (QMPError, OSError) as e:
+            raise VMError(f"cannot save the template: {e}") from e
+        finally:
+            qmp.close()
 
     def console_tail(self, limit: int = 2000) -> str:
         if self._console is not None:
@@ -463,6 +563,13 @@ class QemuVM:
             await asyncio.wait([self._console.task], timeout=2)  # EOF follows qemu's exit
             self._console.close()
         remove_run_dir(self.cfg.run_dir)
+
+
+async def _until(done: Callable[[], Awaitable[bool]], deadline: float, what: str) -> None:
+    while not await done():
+        if time.monotonic() > deadline:
+            raise VMError(f"{what} did not finish in time")
+        await asyncio.sleep(0.005)
 
 
 def remove_run_dir(run_dir: str) -> None:

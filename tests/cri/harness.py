@@ -34,11 +34,14 @@ CRI_NAMESPACE = "k8s.io"
 RUNC_HANDLER = "runc"
 PODSHIM_HANDLER = "podshim"
 HOST_HANDLER = "podshim-host"  # not in HANDLERS: those run the same tests side by side
+# podshim with `vm.template = false` in its options file: VM pods boot cold (the bench's baseline).
+PODSHIM_COLD_HANDLER = "podshim-cold-vm"
 HANDLERS = (PODSHIM_HANDLER, RUNC_HANDLER)
 SHIM_BINARIES = {
     RUNC_HANDLER: "containerd-shim-runc-v2",
     PODSHIM_HANDLER: "containerd-shim-podshim-v1",
     HOST_HANDLER: "containerd-shim-podshim-v1",
+    PODSHIM_COLD_HANDLER: "containerd-shim-podshim-v1",
 }
 ANNOTATION_GLOB = "podshim.io/*"
 CNI_NETWORK = "podshim-cri"
@@ -171,7 +174,12 @@ def cni_conflist(ipam_dir: Path) -> dict[str, object]:
 
 
 def cri_config(
-    *, sandbox_image: str, cni_conf_dir: Path, host_options: Path, cni_bin_dir: Path = Path("/usr/lib/cni")
+    *,
+    sandbox_image: str,
+    cni_conf_dir: Path,
+    host_options: Path,
+    cold_vm_options: Path,
+    cni_bin_dir: Path = Path("/usr/lib/cni"),
 ) -> str:
     cri = '[plugins."io.containerd.grpc.v1.cri"]'
     ctd = '[plugins."io.containerd.grpc.v1.cri".containerd'
@@ -201,6 +209,7 @@ def cri_config(
             f"  pod_annotations = {globs}",
             f"  container_annotations = {globs}",
             installing.handler_stanza(HOST_HANDLER, str(host_options)).rstrip("\n"),
+            installing.handler_stanza(PODSHIM_COLD_HANDLER, str(cold_vm_options)).rstrip("\n"),
             f"{cri[:-1]}.cni]",
             f"  bin_dir = {_toml_str(str(cni_bin_dir))}",
             f"  conf_dir = {_toml_str(str(cni_conf_dir))}",
@@ -220,11 +229,15 @@ class CriContainerd(PrivateContainerd):
         self.pod_log_root = base / "pod-logs"
         self.host_options = base / "options" / f"{HOST_HANDLER}.toml"
         self.host_rootfs_locations = base / "hostprocess"  # what host pods may ask for
+        self.cold_vm_options = base / "options" / f"{PODSHIM_COLD_HANDLER}.toml"
         super().__init__(
             base,
             enable_cri=True,
             extra_config=cri_config(
-                sandbox_image=sandbox_image, cni_conf_dir=self.cni_conf_dir, host_options=self.host_options
+                sandbox_image=sandbox_image,
+                cni_conf_dir=self.cni_conf_dir,
+                host_options=self.host_options,
+                cold_vm_options=self.cold_vm_options,
             ),
         )
 
@@ -246,6 +259,7 @@ class CriContainerd(PrivateContainerd):
         self.host_options.parent.mkdir(parents=True, exist_ok=True)
         handler = installing.host_handler(HOST_HANDLER, (str(self.host_rootfs_locations),))
         self.host_options.write_text(handler.options)
+        self.cold_vm_options.write_text("[vm]\ntemplate = false\n")
 
     def start(self, timeout: float = 30.0) -> None:
         self.prepare()

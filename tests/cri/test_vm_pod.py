@@ -71,6 +71,8 @@ def test_vm_pod(cri: CriClient, cri_containerd: CriContainerd, busybox: str) -> 
     client = cri.run_container(pod, "client", SLEEPER, image=busybox)
     for cid in (server, client):
         assert cri.wait_container_state(cid, RUNNING).state == RUNNING
+    both_running = time.monotonic() - t0
+    for cid in (server, client):
         assert cri.exec_sync(cid, ["uname", "-r"]).stdout.strip() == release
         assert cri.exec_sync(cid, ["hostname"]).stdout.strip() == "vmpod"
     nets = {cri.exec_sync(cid, ["readlink", "/proc/self/ns/net"]).stdout for cid in (server, client)}
@@ -116,6 +118,7 @@ def test_vm_pod(cri: CriClient, cri_containerd: CriContainerd, busybox: str) -> 
     assert_vm_gone(pod.id)
     print(
         f"\nVM pod: RunPodSandbox {boot:.2f} s, first container created+started {first_container:.2f} s, "
+        f"RunPodSandbox to both containers running {both_running:.2f} s, "
         f"qemu RSS {rss} MiB PSS {pss} MiB"
     )
 

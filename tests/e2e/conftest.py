@@ -40,6 +40,10 @@ parametrize_runtimes = pytest.mark.parametrize("runtime", RUNTIMES, ids=runtime_
 
 CtrFactory = Callable[[], Ctr]
 
+# VM templates of this session only, in its private /run (read by the shims its containerd
+# starts): the first VM pod of a session builds one, and nothing is left on the host after.
+os.environ.setdefault("PODSHIM_VM_TEMPLATE_DIR", "/run/podshim/vm-templates")
+
 
 def _require_environment() -> None:
     if os.geteuid() != 0:

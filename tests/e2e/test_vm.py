@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from harness import leaks
@@ -20,6 +21,7 @@ from harness.runtimes import PODSHIM
 from podshim.backends.vm.backend import FAULT_ANNOTATION, FAULTS_ENV
 from podshim.vm import image as vmimage
 from podshim.vm import qemu
+from podshim.vm import template as vmtemplate
 
 IMAGE = "docker.io/library/busybox:latest"
 VM = "podshim.io/isolation=vm"
@@ -222,3 +224,81 @@ def test_killed_shim_takes_its_vm(containerd: PrivateContainerd, ctr: Ctr) -> No
     ctr.check("container", "rm", "vm6")
     # containerd ran the shim's `delete` action: the dead shim's share mounts and run dir are gone.
     _assert_no_vm_left()
+
+
+# -- templates (docs/vm-isolation.md): this session's own, in its private /run ----------------------
+
+
+def _qemu_cmdline() -> list[str]:
+    (pid,) = _qemu_pids()
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().decode().split("\0")
+
+
+def _is_clone(argv: list[str]) -> bool:
+    """A clone resumes from its template's state; a cold boot boots the kernel."""
+    if "-incoming" in argv:
+        assert "-kernel" not in argv
+        return True
+    assert "-kernel" in argv
+    return False
+
+
+def _templates() -> dict[str, float]:
+    """Template dirs of this session: when each was built."""
+    root = vmtemplate.root()
+    out = {}
+    for entry in os.listdir(root) if os.path.isdir(root) else []:
+        meta = os.path.join(root, entry, vmtemplate.META_FILE)
+        if not entry.startswith(".") and os.path.isfile(meta):
+            with open(meta) as f:
+                out[entry] = float(json.load(f)["built_at"])
+    return out
+
+
+def _run_detached(ctr: Ctr, name: str, *extra: str) -> None:
+    ctr.check("run", "--runtime", PODSHIM, "--annotation", VM, *extra, "-d", IMAGE, name, "sleep", "1000",
+              timeout=240)  # fmt: skip
+    _wait(lambda: ctr.task_status(name) == "RUNNING", 10, f"{name} RUNNING")
+    assert ctr.check("task", "exec", "--exec-id", "e", name, "echo", "up").strip() == "up"
+
+
+def _remove(ctr: Ctr, name: str) -> None:
+    ctr.check("task", "kill", "-s", "SIGKILL", name)
+    _wait(lambda: ctr.task_status(name) == "STOPPED", 20, f"{name} STOPPED")
+    ctr.check("task", "delete", name)
+    ctr.check("container", "delete", name)
+    _assert_no_vm_left()
+
+
+def test_vm_template_unusable_cold_fallback_then_rebuilt(ctr: Ctr) -> None:
+    """A template whose state cannot be restored: the pod still starts, cold; the template is
+    removed; the next pod builds a new one and is its clone."""
+    _run_detached(ctr, "vmt1")  # builds this session's template unless an earlier test did
+    assert _is_clone(_qemu_cmdline())
+    _remove(ctr, "vmt1")
+    ((key, built),) = _templates().items()
+    state = os.path.join(vmtemplate.root(), key, vmtemplate.STATE_FILE)
+    os.chmod(state, 0o600)  # no clone of it runs now: the only time a template may change
+    with open(state, "wb") as f:
+        f.write(b"not a migration stream")
+
+    _run_detached(ctr, "vmt2")
+    assert not _is_clone(_qemu_cmdline())
+    assert _templates() == {}, "the unusable template is still there"
+    _remove(ctr, "vmt2")
+
+    _run_detached(ctr, "vmt3")
+    assert _is_clone(_qemu_cmdline())
+    ((key3, built3),) = _templates().items()
+    assert key3 == key and built3 > built
+    _remove(ctr, "vmt3")
+
+
+def test_vm_template_false_boots_cold(ctr: Ctr, tmp_path: Path) -> None:
+    """`vm.template = false` in the handler's options: a cold boot even with a template at hand."""
+    options = tmp_path / "podshim.toml"
+    options.write_text('isolation = "vm"\n[vm]\ntemplate = false\n')
+    _run_detached(ctr, "vmc1", "--runtime-config-path", str(options))
+    assert not _is_clone(_qemu_cmdline())
+    _remove(ctr, "vmc1")

@@ -5,40 +5,29 @@ events work.  One VM boot."""
 from __future__ import annotations
 
 import asyncio
-import json
+import base64
 import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from harness.guest_bundle import busybox_bundle
 
 from podshim.system.reaper import REAPER
 from podshim.vm import image as vmimage
+from podshim.vm import layer as vmlayer
 from podshim.vm import qemu
 from podshim.vm.client import AgentClient
-
-BUSYBOX = Path("/bin/busybox")
-
-
-def _bundle(share: Path, cid: str, args: list[str]) -> None:
-    """A busybox bundle in the pod share, as the backend makes them (without a snapshotter)."""
-    root = share / cid / "rootfs"
-    for d in ("bin", "proc", "sys", "dev", "tmp", "etc"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy(BUSYBOX, root / "bin" / "busybox")
-    for applet in ("sh", "sleep", "echo"):
-        (root / "bin" / applet).symlink_to("busybox")
-    subprocess.run(["runc", "spec"], cwd=share / cid, check=True)
-    spec = json.loads((share / cid / "config.json").read_text())
-    spec["process"].update(terminal=False, args=args)
-    (share / cid / "config.json").write_text(json.dumps(spec))
 
 
 async def _scenario(run_dir: Path, img: vmimage.Image) -> dict[str, float]:
     cfg = qemu.VMConfig(
-        name="agent-test", memory_mib=256, vcpus=1, kernel=img.kernel, initrd=img.initrd, run_dir=str(run_dir)
+        name="agent-test",
+        memory_mib=256,
+        vcpus=1,
+        kernel=img.kernel,
+        initrd=vmlayer.locate(img).initrd,
+        run_dir=str(run_dir),
     )
     vm = qemu.QemuVM(cfg)
     events: list[dict[str, object]] = []
@@ -50,8 +39,10 @@ async def _scenario(run_dir: Path, img: vmimage.Image) -> dict[str, float]:
         await vm.wait_socket(time.monotonic() + 30)
         assert await first.connect(120) == []
         ready = time.monotonic() - t0
+        entropy = base64.b64encode(os.urandom(64)).decode()
+        await first.call("setup", entropy=entropy, time_ns=time.time_ns(), mac="02:00:00:00:00:09")
         share = Path(cfg.shared_dir)
-        _bundle(share, "c1", ["sh", "-c", "sleep 1; exit 5"])
+        busybox_bundle(share, "c1", ["sh", "-c", "sleep 1; exit 5"])
         await first.call("create", id="c1", bundle=f"{vmimage.GUEST_SHARED}/c1", stdio={})
         await first.call("start", id="c1")
         await first.close()  # the shim goes away while c1 runs, and c1 exits meanwhile
@@ -63,7 +54,7 @@ async def _scenario(run_dir: Path, img: vmimage.Image) -> dict[str, float]:
         assert [(p["id"], p["exited"], p["status"]) for p in snapshot] == [("c1", True, 5)]
         await second.call("delete", id="c1")
 
-        _bundle(share, "c2", ["sh", "-c", "echo hello from the second session; exit 3"])
+        busybox_bundle(share, "c2", ["sh", "-c", "echo hello from the second session; exit 3"])
         r, w = os.pipe()
         sid = second.new_stream()
         out = second.attach_output(sid, w)

@@ -84,7 +84,7 @@ def test_guest_swaps_its_bundle_for_a_symlink_to_a_host_mount(ctr: Ctr, marker_m
     assert "Read-only file system" in res.stderr, "the guest could write the tree the shim works in"
 
 
-# Run by the guest's python (the host's /usr) in the guest's root mount namespace: take a copy of
+# Run by the guest's python (the guest layer's) in the guest's root mount namespace: take a copy of
 # the agent's channel fd with pidfd_getfd(2) (the port itself opens only once) and write bytes
 # that are no frame into it, then a DATA frame for a stream the shim never opened.
 _BREAK_THE_CHANNEL = """

@@ -1,6 +1,6 @@
 """The guest agent's modules: what it imports is exactly :data:`podshim.guest.MODULES` plus the
 standard library, in the layout the guest really has (an empty ``podshim`` package with the
-staged export mounted at ``podshim/guest``), on a python with no site-packages."""
+export at ``podshim/guest``, as in the guest layer), on a python with no site-packages."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from podshim import guest
 
@@ -30,12 +32,18 @@ print(json.dumps({"ours": ours, "other": other, "shared": issubclass(guest_reape
 """
 
 
+def _write(dest: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes(data)
+
+
 def _guest_tree(tmp_path: Path) -> Path:
-    """What /init builds: <root>/podshim/__init__.py empty, the export mounted at podshim/guest."""
+    """What the guest layer holds: <root>/podshim/__init__.py empty, the export mounted at podshim/guest."""
     root = tmp_path / "agent"
     (root / "podshim").mkdir(parents=True)
     (root / "podshim" / "__init__.py").write_text("")
-    guest.stage(str(root / "podshim" / "guest"))
+    _write(root / "podshim" / "guest", guest.export_files())
     return root
 
 
@@ -70,9 +78,9 @@ def test_the_shared_modules_import_nothing_but_the_standard_library() -> None:
         assert res.stdout.strip() == "['podshim']", (module, res.stdout)
 
 
-def test_staging_copies_and_nothing_else(tmp_path: Path) -> None:
+def test_the_export_holds_the_listed_modules_and_their_bytecode(tmp_path: Path) -> None:
     dest = tmp_path / "export"
-    guest.stage(str(dest))
+    _write(dest, guest.export_files())
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*.py") if p.is_file())
     assert len(files) == len(guest.MODULES)
     assert len(list(dest.rglob("__pycache__/*.pyc"))) == len(guest.MODULES)
@@ -80,16 +88,21 @@ def test_staging_copies_and_nothing_else(tmp_path: Path) -> None:
     shutil.rmtree(dest)
 
 
-def test_a_vm_gets_the_agent_read_when_the_vm_code_was_loaded(tmp_path: Path) -> None:
-    """qemu stages what it read at import (with the VM backend), not what is installed at spawn:
-    a package upgraded under a running shim never gives its VMs a newer agent."""
-    from podshim.vm import qemu
+def test_the_guest_layer_key_covers_every_module_the_agent_imports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change to a shared module (not only to the guest package) must make the shim ask for a
+    new guest layer: the VM would otherwise run an agent older than its host side."""
+    from podshim.vm import layer as vmlayer
 
-    assert guest.export_files() == qemu.AGENT_FILES
-    files = dict(qemu.AGENT_FILES)
-    files["agent.py"] = b"# the version this shim loaded\n"
-    guest.stage(str(tmp_path), files)
-    assert (tmp_path / "agent.py").read_bytes() == b"# the version this shim loaded\n"
+    before = vmlayer.agent_hash()
+    changed = tmp_path / "children.py"
+    changed.write_text(Path(guest.source_file("podshim.system.children")).read_text() + "# changed\n")
+    real = guest.source_file
+    monkeypatch.setattr(
+        guest, "source_file", lambda m: str(changed) if m == "podshim.system.children" else real(m)
+    )
+    assert vmlayer.agent_hash() != before
 
 
 def test_the_guest_loads_the_staged_bytecode_and_compiles_nothing(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from podshim import errdefs
 from podshim.backends.vm import spec as vmspec
 from podshim.options import VMSettings
 from podshim.vm import image as vmimage
+from podshim.vm import layer as vmlayer
 from podshim.vm import qemu
 
 
@@ -39,9 +40,13 @@ def test_defaults(kernel: tuple[str, str]) -> None:
 
 
 def test_image_from_the_cache(kernel: tuple[str, str]) -> None:
-    img = vmimage.Image("/d", kernel[0], kernel[1], "pkg", "1", "rel", ())
-    p = vmspec.resolve_params(VMSettings(), {}, locate=lambda: img)
-    assert (p.kernel, p.initrd) == kernel
+    img = vmimage.Image("/d", kernel[0], "/d/base.cpio", "pkg", "1", "rel", ())
+    layer = vmlayer.Layer("k", kernel[1])
+    p = vmspec.resolve_params(VMSettings(), {}, locate=lambda: img, locate_layer=lambda _: layer)
+    assert (p.kernel, p.initrd, p.template) == (*kernel, True)
+    cold = VMSettings(template=False)
+    p = vmspec.resolve_params(cold, {}, locate=lambda: img, locate_layer=lambda _: layer)
+    assert not p.template
 
 
 def test_annotations_override_within_limits(kernel: tuple[str, str]) -> None:
@@ -188,27 +193,61 @@ def test_accel_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     assert qemu.detect_accel("flags\t: vmx").name == "tcg"
 
 
+def _devices(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+
+
 def test_qemu_argv(tmp_path: Path) -> None:
-    cfg = qemu.VMConfig(
-        name="p", memory_mib=256, vcpus=2, kernel="/k", initrd="/i", run_dir=str(tmp_path), agent_dir="/a"
-    )
+    cfg = qemu.VMConfig(name="p", memory_mib=256, vcpus=2, kernel="/k", initrd="/i", run_dir=str(tmp_path))
     tcg = qemu.qemu_argv(cfg, qemu.Accel("tcg", ""), 2596124)
     joined = " ".join(tcg)
     assert "-accel tcg,tb-size=32" in joined and "-m 256M" in joined and "-smp 2" in joined
     assert "tsc_early_khz=2596124" in joined and "mitigations=off" in joined
+    assert f"rdinit={vmlayer.INIT}" in joined
     assert f"path={cfg.agent_socket}" in joined and "-no-reboot" in tcg
-    assert "path=/usr,security_model=none,readonly=on,multidevs=forbid" in joined
-    # Hardened: seccomp on, no default devices or user config, no monitor, no user-mode network.
+    # Hardened: seccomp on, no default devices or user config, no monitor (a cold VM has no QMP
+    # either), no user-mode network.
     assert tcg[tcg.index("-sandbox") + 1].split(",")[0] == "on" and "spawn=deny" in joined
     assert "-nodefaults" in tcg and "-no-user-config" in tcg
     assert "-monitor" not in tcg and "-qmp" not in tcg and "user," not in joined
+    # The guest's userland is in its initramfs: the only host directory it sees is the pod share.
+    assert [a for a in tcg if a.startswith("local,")] == [
+        f"local,id=shared,path={cfg.shared_dir},security_model=none,multidevs=remap"
+    ]
+    assert "memory-backend" not in joined and "-incoming" not in tcg
     kvm = " ".join(qemu.qemu_argv(cfg, qemu.Accel("kvm", ""), 0))
     assert "-accel kvm -cpu host" in kvm and "tsc_early_khz" not in kvm and "mitigations=off" not in kvm
-    assert "-netdev" not in kvm
-    tap = qemu.VMConfig(**{**cfg.__dict__, "tap": qemu.Tap("tap0", "02:00:00:00:00:01")})
-    assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01" in " ".join(
+    assert "-netdev" not in kvm and f"virtio-net-device,id=nic0,mac={qemu.TEMPLATE_MAC}" in kvm
+    tap = qemu.VMConfig(**{**cfg.__dict__, "tap": qemu.Tap("tap0", "02:00:00:00:00:02")})
+    assert "virtio-net-device,id=nic0,mac=02:00:00:00:00:02,netdev=net0" in " ".join(
         qemu.qemu_argv(tap, qemu.Accel("tcg", ""), 0)
     )
+
+
+def test_template_and_clone_argv(tmp_path: Path) -> None:
+    """A template's RAM is a shared file; a clone maps it privately, boots no kernel and waits for
+    its state; both have the same devices (whatever the clone's network), or restoring fails."""
+    base = qemu.VMConfig(name="p", memory_mib=256, vcpus=1, kernel="/k", initrd="/i", run_dir=str(tmp_path))
+    template = qemu.VMConfig(**{**base.__dict__, "boot": qemu.Boot.TEMPLATE, "memory_file": "/t/memory"})
+    clone = qemu.VMConfig(
+        **{
+            **base.__dict__,
+            "boot": qemu.Boot.CLONE,
+            "memory_file": "/t/memory",
+            "state_file": "/t/state",
+            "tap": qemu.Tap("tap0", "02:00:00:00:00:02"),
+        }
+    )
+    accel = qemu.Accel("tcg", "")
+    t, c = qemu.qemu_argv(template, accel, 0), qemu.qemu_argv(clone, accel, 0)
+    assert "memory-backend-file,id=mem,size=256M,mem-path=/t/memory,share=on" in t
+    assert "memory-backend-file,id=mem,size=256M,mem-path=/t/memory,share=off" in c
+    assert "microvm,memory-backend=mem" in t and "microvm,memory-backend=mem" in c
+    assert "-kernel" in t and "-kernel" not in c and "-initrd" not in c and "-append" not in c
+    assert c[c.index("-incoming") + 1] == "defer" and "-incoming" not in t
+    assert f"unix:{clone.qmp_socket},server=on,wait=off" in c
+    strip = [d.split(",netdev=")[0].split(",mac=")[0] for d in _devices(t)]
+    assert strip == [d.split(",netdev=")[0].split(",mac=")[0] for d in _devices(c)]
 
 
 def test_host_tsc_khz() -> None:

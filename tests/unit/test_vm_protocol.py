@@ -145,6 +145,16 @@ def test_agent_session_requests_and_errors(agent_host: tuple[Agent, Host]) -> No
     resp = host.next(P.RESPONSE)
     assert resp.stream == 1 and P.decode_json(resp.payload)["ok"] is True
 
+    # Nothing touches containers before the host set the VM up (a clone's random state is
+    # the template's until then); a setup without enough host entropy is refused.
+    host.send(P.encode_json(P.REQUEST, 2, {"op": "start", "id": "nope"}))
+    resp = P.decode_json(host.next(P.RESPONSE).payload)
+    assert resp["error"] == "failed_precondition" and "set up" in resp["message"], resp
+    host.send(P.encode_json(P.REQUEST, 5, {"op": "setup", "entropy": "c2hvcnQ="}))
+    resp = P.decode_json(host.next(P.RESPONSE).payload)
+    assert resp["error"] == "invalid_argument" and "entropy" in resp["message"], resp
+    assert not agent.set_up
+    agent.set_up = True
     host.send(P.encode_json(P.REQUEST, 2, {"op": "start", "id": "nope"}))
     resp = host.next(P.RESPONSE)
     assert P.decode_json(resp.payload)["error"] == "not_found"

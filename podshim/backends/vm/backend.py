@@ -17,6 +17,7 @@ in raw mode stands in for the child's, so ``ProcessIO`` copies to and from it as
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -35,6 +36,7 @@ from podshim.system.cgroups import V2_METRICS_URL
 from podshim.system.stdio import ProcessIO, StdioConfig
 from podshim.vm import image as vmimage
 from podshim.vm import network, qemu
+from podshim.vm import template as vmtemplate
 from podshim.vm.client import AgentClient, AgentGone
 from podshim.vm.share import PodShare
 
@@ -48,6 +50,15 @@ DRAIN_TIMEOUT = 2.0
 # annotation is ignored and the agent refuses the request.
 FAULTS_ENV = "PODSHIM_VM_FAULT_INJECTION"
 FAULT_ANNOTATION = "podshim.io/vm.fault"
+SETUP_ENTROPY_BYTES = 64
+
+
+def _random_mac() -> str:
+    """A locally administered unicast MAC, for a VM without a pod network: no two clones keep
+    the template's."""
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFC) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
 
 
 def _close(*fds: int) -> None:
@@ -379,6 +390,11 @@ class VMBackend(Backend):
         self.boot_seconds = 0.0
         # time.monotonic() at qemu's spawn, its agent socket, the agent's answer (Diag's boot phases)
         self.boot_marks: dict[str, float] = {}
+        self.boot_mode = ""
+        self.hostname = ""
+        self.timings: dict[str, float] = {}
+        self._booting = False
+        self._redirected = False
         self._procs: dict[tuple[str, str], VMProcess] = {}
         self._early_exits: dict[tuple[str, str], int] = {}
         self._boot_lock = asyncio.Lock()
@@ -393,23 +409,84 @@ class VMBackend(Backend):
     # -- the VM ---------------------------------------------------------------------------------
 
     async def _boot(self, owner: ContainerRequest) -> None:
-        run_dir = qemu.run_dir_for(self.pod_id, self.run_root)
-        if os.path.exists(run_dir):
-            qemu.remove_run_dir(run_dir)  # a leftover of a shim that was SIGKILLed
+        """Start the pod's VM: a clone of the shape's template when there is one (built now if
+        need be), a cold boot otherwise or when restoring fails, with the reason logged."""
+        self._booting = True
+        try:
+            await self._boot_vm(owner)
+        finally:
+            self._booting = False
+
+    async def _boot_vm(self, owner: ContainerRequest) -> None:
         netns = network.pod_netns(owner.spec)
         if netns:
             try:
                 self.net = await asyncio.to_thread(network.read_pod_network, netns)
             except network.NetworkError as e:
                 raise errdefs.ShimError(f"cannot read the pod's network: {e}") from e
-        cfg = qemu.VMConfig(
-            name=self.pod_id[:32],
+        shape = vmtemplate.Shape(
             memory_mib=self.params.memory_mib,
             vcpus=self.params.vcpus,
             kernel=self.params.kernel,
             initrd=self.params.initrd,
-            run_dir=run_dir,
             faults=os.environ.get(FAULTS_ENV) == "1",
+        )
+        self.hostname = str(owner.spec.get("hostname") or "") or self.pod_id[:63]
+        t0 = time.monotonic()
+        template: vmtemplate.Template | None = None
+        if not self.params.template:
+            self.boot_mode = "cold (vm.template = false)"
+        else:
+            try:
+                template = await vmtemplate.ensure(shape)
+            except (vmtemplate.TemplateUnavailable, OSError) as e:
+                self.boot_mode = f"cold (no template: {e})"
+                log.warning("pod VM %s boots cold: no template: %s", self.pod_id, e)
+        self.timings = {"template_wait": time.monotonic() - t0}
+        if template is not None:
+            try:
+                await self._start(shape, template)
+                self.boot_mode = f"clone of template {template.key}"
+            except BaseException as e:
+                if self._closing or not isinstance(e, errdefs.ShimError):
+                    await self._teardown()
+                    raise
+                vmtemplate.invalidate(template, str(e))
+                log.warning(
+                    "pod VM %s boots cold: restoring from template %s failed: %s",
+                    self.pod_id,
+                    template.key,
+                    e,
+                )
+                self.boot_mode = f"cold (restoring from template {template.key} failed)"
+                template = None
+        if template is None:
+            try:
+                await self._start(shape, None)
+            except BaseException:
+                await self._teardown()
+                raise
+        self.boot_seconds = time.monotonic() - t0
+        log.info(
+            "pod VM %s ready in %.2f s, %s (%s); %s",
+            self.pod_id,
+            self.boot_seconds,
+            self.boot_mode,
+            self.vm.accel.name if self.vm else "?",
+            " ".join(f"{k}={v:.3f}" for k, v in self.timings.items()),
+        )
+        self._write_timings()
+
+    async def _start(self, shape: vmtemplate.Shape, template: vmtemplate.Template | None) -> None:
+        run_dir = qemu.run_dir_for(self.pod_id, self.run_root)
+        if os.path.exists(run_dir):
+            qemu.remove_run_dir(run_dir)  # a leftover of a shim that was SIGKILLed, or a failed clone
+        cfg = shape.config(
+            self.pod_id[:32],
+            run_dir,
+            qemu.Boot.CLONE if template else qemu.Boot.COLD,
+            memory_file=template.memory_file if template else "",
+            state_file=template.state_file if template else "",
             netns=self.net.netns if self.net else "",
             tap=qemu.Tap(network.TAP_NAME, self.net.mac) if self.net else None,
         )
@@ -417,24 +494,36 @@ class VMBackend(Backend):
         self.vm = vm
         share = PodShare(run_dir)
         self.share = share
-        slot = qemu.BootSlot(
-            self.run_root, int(os.environ.get(qemu.BOOT_SLOTS_ENV) or qemu.DEFAULT_BOOT_SLOTS)
-        )
+        # A clone's restore is cheap; only cold boots (CPU-bound under TCG) take a boot slot.
+        slot = qemu.boot_slot(self.run_root)
         deadline = time.monotonic() + BOOT_TIMEOUT
-        t0 = time.monotonic()
+        timings = self.timings
         try:
-            await asyncio.wait_for(slot.acquire(), BOOT_TIMEOUT)
+            if template is None:
+                await asyncio.wait_for(slot.acquire(), BOOT_TIMEOUT)
             try:
-                t_boot = self.boot_marks["spawn"] = time.monotonic()
+                self.boot_marks["spawn"] = time.monotonic()
+                t_exec = time.monotonic()
                 share.open()
                 vm.spawn()
                 vm.on_exit(lambda status: self._lost(f"qemu exited with status {status}"))
                 if self.net is not None:
+                    self._redirected = True
                     await asyncio.to_thread(network.redirect, self.net)
                 await vm.wait_socket(deadline)
                 self.boot_marks["socket"] = time.monotonic()
                 client = AgentClient(cfg.agent_socket, self._event)
+                self.client = client
                 connect = asyncio.ensure_future(client.connect(max(1.0, deadline - time.monotonic())))
+                if template is not None:
+                    try:
+                        await vm.restore(deadline)
+                    except BaseException:
+                        connect.cancel()
+                        with contextlib.suppress(BaseException):
+                            await connect
+                        raise
+                    timings["restored"] = time.monotonic() - t_exec
                 died = asyncio.ensure_future(self._vm_exit())
                 done, _ = await asyncio.wait({connect, died}, return_when=asyncio.FIRST_COMPLETED)
                 died.cancel()
@@ -445,26 +534,38 @@ class VMBackend(Backend):
                     raise qemu.VMError(f"the pod VM died while booting: {vm.console_tail()}")
                 await connect
                 self.boot_marks["ready"] = time.monotonic()
+                timings["agent_ready"] = time.monotonic() - t_exec
                 self.attach(client)
-                if self.net is not None:
-                    await client.call("network", commands=network.guest_commands(self.net))
+                await client.call("setup", **self._setup_args())
+                timings["setup_done"] = time.monotonic() - t_exec
             finally:
                 slot.release()
         except BaseException as e:
-            await self._teardown()
+            await self._stop_vm()
             if isinstance(e, errdefs.ShimError):
                 raise
             if isinstance(e, qemu.VMError | network.NetworkError | OSError | TimeoutError):
                 raise errdefs.ShimError(f"cannot start the pod VM: {e}") from e
             raise
-        self.boot_seconds = time.monotonic() - t_boot
-        log.info(
-            "pod VM %s ready in %.2f s (%.2f s with the wait for a boot slot), %s",
-            self.pod_id,
-            self.boot_seconds,
-            time.monotonic() - t0,
-            vm.accel.name,
-        )
+
+    def _setup_args(self) -> dict[str, Any]:
+        """What makes this VM the pod's (the agent's ``setup``): fresh entropy first of all, as
+        every clone of a template resumes with the template's random state."""
+        net = self.net
+        return {
+            "entropy": base64.b64encode(os.urandom(SETUP_ENTROPY_BYTES)).decode(),
+            "time_ns": time.time_ns(),
+            "mac": net.mac if net else _random_mac(),
+            "hostname": self.hostname,
+            "network": network.guest_commands(net) if net else [],
+        }
+
+    def _write_timings(self) -> None:
+        """For the bench's breakdown: where this VM's start went (in its run dir, gone with it)."""
+        if self.vm is None:
+            return
+        with contextlib.suppress(OSError), open(os.path.join(self.vm.cfg.run_dir, "timings.json"), "w") as f:
+            json.dump({"mode": self.boot_mode, **self.timings}, f)
 
     def attach(self, client: AgentClient) -> None:
         """Serve the pod through ``client``, a connected session; its loss is the VM's death."""
@@ -476,8 +577,9 @@ class VMBackend(Backend):
             await asyncio.sleep(0.05)
 
     def _lost(self, why: str) -> None:
-        """The VM or its agent is gone: force-exit what ran in it, then clean up."""
-        if self._closing or self._gone:
+        """The VM or its agent is gone: force-exit what ran in it, then clean up.  While it boots,
+        the boot itself sees the death and fails (or falls back to a cold boot)."""
+        if self._closing or self._gone or self._booting:
             return
         self._gone = why
         live = [p for p in self._procs.values() if p.status is None and p.pid]
@@ -486,7 +588,7 @@ class VMBackend(Backend):
             p.exited(FORCED_EXIT_STATUS)
         asyncio.get_running_loop().create_task(self._teardown())
 
-    async def _teardown(self) -> None:
+    async def _stop_vm(self) -> None:
         client, self.client = self.client, None
         if client is not None:
             await client.close()
@@ -498,9 +600,13 @@ class VMBackend(Backend):
             self.share.close()  # the mounts this backend made, before the run dir goes
         if vm is not None:
             await vm.close()
-        if self.net is not None:
-            net, self.net = self.net, None
-            await asyncio.to_thread(network.unredirect, net)
+        if self.net is not None and self._redirected:
+            self._redirected = False
+            await asyncio.to_thread(network.unredirect, self.net)
+
+    async def _teardown(self) -> None:
+        await self._stop_vm()
+        self.net = None
 
     # -- agent plumbing ---------------------------------------------------------------------------
 

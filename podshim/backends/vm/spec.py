@@ -31,6 +31,7 @@ from typing import Any
 
 from podshim import errdefs
 from podshim.vm import image as vmimage
+from podshim.vm import layer as vmlayer
 
 ANN_MEMORY = "podshim.io/vm.memory-mib"
 ANN_VCPUS = "podshim.io/vm.vcpus"
@@ -45,6 +46,7 @@ class VMParams:
     vcpus: int
     kernel: str
     initrd: str
+    template: bool = True  # clone from the shape's template; False: always boot cold
 
 
 def _annotation_int(annotations: Mapping[str, str], key: str) -> int | None:
@@ -63,9 +65,12 @@ def resolve_params(
     annotations: Mapping[str, str],
     locate: Callable[[], vmimage.Image] = vmimage.locate,
     source: str = "the handler's options",
+    locate_layer: Callable[[vmimage.Image], vmlayer.Layer] = vmlayer.locate,
 ) -> VMParams:
     """``vm`` is ``options.VMSettings``; zero fields mean "default".  ``source`` names where the
-    limits are set, for the error a pod that asks for more gets."""
+    limits are set, for the error a pod that asks for more gets.  The initramfs is the image's
+    base archive followed by the guest layer (:mod:`podshim.vm.layer`); an ``initrd_path`` option
+    must name such a combined archive."""
     memory = int(vm.memory_mib or DEFAULT_MEMORY_MIB)
     vcpus = int(vm.vcpus or DEFAULT_VCPUS)
     max_memory = int(vm.max_memory_mib or memory)
@@ -92,13 +97,13 @@ def resolve_params(
     if not kernel or not initrd:
         try:
             img = locate()
+            kernel, initrd = kernel or img.kernel, initrd or locate_layer(img).initrd
         except vmimage.ImageError as e:
             raise errdefs.InvalidArgument(f"no VM image: {e}") from e
-        kernel, initrd = kernel or img.kernel, initrd or img.initrd
     for what, path in (("kernel", kernel), ("initramfs", initrd)):
         if not os.path.isfile(path):
             raise errdefs.InvalidArgument(f"VM {what} {path} does not exist")
-    return VMParams(memory, vcpus, kernel, initrd)
+    return VMParams(memory, vcpus, kernel, initrd, bool(getattr(vm, "template", True)))
 
 
 # -- the guest's spec -----------------------------------------------------------------------------
