@@ -50,7 +50,9 @@ def _servers(namespace: str) -> list[int]:
             state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state not in ("Z", "X") and str(SHIM).encode() in argv[:2] and namespace.encode() in argv:
+        # The server's argv names the Python entry point (podshim-cold/…), whichever way it started.
+        named = any(os.path.basename(a) == SHIM.name.encode() for a in argv[:2])
+        if state not in ("Z", "X") and named and namespace.encode() in argv:
             found.append(int(entry))
     return found
 
