@@ -22,7 +22,8 @@ from podshim.system.children import Exit
 MOUNT = "/bb/mount"
 SHARED_ROOT = "/run/podshim/shared/"
 RESERVED = ("/run/podshim", "/usr", "/proc", "/sys", "/dev", "/bb", "/init")
-EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The guest layer has python and crun, not coreutils: the tools are busybox applets in /bb.
+EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/bb"
 
 
 class DiagError(Exception):

@@ -76,6 +76,9 @@ if [ "$1" != stage2 ]; then
   exec /bb/switch_root /newroot {INIT} stage2
 fi
 /bb/mkdir -p /dev/pts /dev/shm /dev/mqueue
+# Every busybox applet in /bb: the guest's tools for an operator's `podshim exec` (the layer
+# holds no coreutils).
+/bb/busybox --install -s /bb 2>/dev/null
 /bb/mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
 /bb/mount -t tmpfs -o mode=1777 shm /dev/shm
 /bb/mount -t tmpfs -o mode=1777 tmpfs /tmp

@@ -523,7 +523,8 @@ class VMBackend(Backend):
                         with contextlib.suppress(BaseException):
                             await connect
                         raise
-                    timings["restored"] = time.monotonic() - t_exec
+                    self.boot_marks["restored"] = time.monotonic()
+                    timings["restored"] = self.boot_marks["restored"] - t_exec
                 died = asyncio.ensure_future(self._vm_exit())
                 done, _ = await asyncio.wait({connect, died}, return_when=asyncio.FIRST_COMPLETED)
                 died.cancel()
@@ -537,7 +538,8 @@ class VMBackend(Backend):
                 timings["agent_ready"] = time.monotonic() - t_exec
                 self.attach(client)
                 await client.call("setup", **self._setup_args())
-                timings["setup_done"] = time.monotonic() - t_exec
+                self.boot_marks["setup"] = time.monotonic()
+                timings["setup_done"] = self.boot_marks["setup"] - t_exec
             finally:
                 slot.release()
         except BaseException as e:

@@ -130,30 +130,38 @@ def qemu_usage(vm: VMBackend) -> tuple[int, int, float]:
 
 
 def boot_phases(vm: VMBackend) -> dict[str, float]:
-    """qemu (spawn to its chardev socket), kernel (guest uptime when /init execs the agent, from
-    the console), agent (the rest, up to the agent's HELLO answer)."""
+    """qemu (spawn to its chardev socket); then, for a cold boot, kernel (guest uptime when the
+    init execs the agent, from the console) and agent (the rest, up to the agent's HELLO
+    answer), or, for a clone of a template, restore (the migration stream in) and agent (to its
+    answer); then setup (the agent made the VM the pod's: entropy, clock, network, share)."""
     marks = vm.boot_marks
     if "ready" not in marks or "socket" not in marks:
         return {}
     phases = {"qemu": marks["socket"] - marks["spawn"]}
-    rest = marks["ready"] - marks["socket"]
-    if "kernel" not in marks and vm.vm is not None:
-        # The first such line is /init's, written before anything else in the guest runs; read
-        # once, before the console log can rotate it away.
-        with contextlib.suppress(OSError), open(vm.vm.cfg.console_log, errors="replace") as f:
-            m = _AGENT_LINE.search(f.read(256 * 1024))
-            if m:
-                marks["kernel"] = min(float(m.group(1)), rest)
-    kernel = marks.get("kernel", 0.0)
-    phases["kernel"] = kernel
-    phases["agent"] = rest - kernel
+    if "restored" in marks:
+        phases["restore"] = marks["restored"] - marks["socket"]
+        phases["agent"] = marks["ready"] - marks["restored"]
+    else:
+        rest = marks["ready"] - marks["socket"]
+        if "kernel" not in marks and vm.vm is not None:
+            # The first such line is the init's, written before anything else in the guest
+            # runs; read once, before the console log can rotate it away.
+            with contextlib.suppress(OSError), open(vm.vm.cfg.console_log, errors="replace") as f:
+                m = _AGENT_LINE.search(f.read(256 * 1024))
+                if m:
+                    marks["kernel"] = min(float(m.group(1)), rest)
+        kernel = marks.get("kernel", 0.0)
+        phases["kernel"] = kernel
+        phases["agent"] = rest - kernel
+    if "setup" in marks:
+        phases["setup"] = marks["setup"] - marks["ready"]
     return phases
 
 
 def families(vm: VMBackend, t: Telemetry) -> list[D.MetricFamily]:
     out: list[D.MetricFamily] = []
     f = D.MetricFamily(name="podshim_vm_boot_phase_seconds", type="gauge",
-                       help="the pod VM's boot: qemu exec, kernel to agent start, agent ready")  # fmt: skip
+                       help="a VM pod's start: qemu exec, kernel or restore, agent, setup")  # fmt: skip
     for phase, seconds in boot_phases(vm).items():
         f.samples.add(labels={"phase": phase}, value=seconds)
     out.append(f)
