@@ -9,11 +9,11 @@ here into the ELF ``vmlinux`` that qemu boots through the PVH entry point: under
 about 2.3 s of in-guest xz decompression and the real-mode setup code.
 
 The initramfs is a newc cpio holding static busybox, the modules the guest needs (virtio, 9p,
-overlay, net: all modules in Debian's kernel), and a legacy ``/init`` (:data:`INIT_SCRIPT`,
-which booted the guest's userland over 9p; the kernel now starts the guest layer's init through
-``rdinit=``).  It is left uncompressed because decompressing it under TCG costs more than reading
-4 MB.  The guest's userland, the agent included, is a second archive appended to this one: the
-guest layer of :mod:`podshim.vm.layer`, rebuilt whenever podshim changes.
+overlay, net: all modules in Debian's kernel).  It has no init of its own: the kernel starts
+the guest layer's through ``rdinit=``.  It is left uncompressed because decompressing it under
+TCG costs more than reading 4 MB.  The guest's userland, the agent included, is a second
+archive appended to this one: the guest layer of :mod:`podshim.vm.layer`, rebuilt whenever
+podshim changes.
 """
 
 from __future__ import annotations
@@ -55,56 +55,10 @@ BUSYBOX_APPLETS = (
     "ip", "poweroff", "sleep", "ls", "rm", "dmesg", "cut",
 )  # fmt: skip
 
-# Mount tags shared between the qemu command line and /init.
-TAG_USR = "podshim-usr"
-TAG_AGENT = "podshim-agent"
+# The pod share's mount tag, shared between the qemu command line and the agent's setup.
 TAG_SHARED = "podshim-shared"
 GUEST_SHARED = "/run/podshim/shared"
-GUEST_AGENT_ROOT = "/run/podshim/agent"
 
-# PID 1 of the guest.  Stage 1 runs in the initramfs; runc's pivot_root cannot leave an
-# initramfs root, so it copies itself onto a tmpfs and switch_roots there.  Stage 2 mounts the
-# host's /usr (read-only, the guest's whole userland), the agent's package and the pod share,
-# and execs the agent as PID 1: if the agent dies the kernel panics, and with panic=-1 and
-# qemu's -no-reboot the VM is gone, which the shim sees as the VM dying.
-INIT_SCRIPT = f"""#!/bb/sh
-export PATH=/usr/sbin:/usr/bin:/bb
-if [ "$1" != stage2 ]; then
-  /bb/mount -t proc proc /proc
-  /bb/mount -t sysfs sysfs /sys
-  /bb/mount -t devtmpfs devtmpfs /dev
-  while read m; do /bb/insmod /mods/$m.ko || echo "podshim-init: insmod $m failed"; done < /mods/order
-  /bb/mount -t tmpfs -o mode=755 root /newroot
-  cd /newroot
-  /bb/mkdir -p bb dev proc sys tmp run usr etc root var mnt
-  for l in bin:usr/bin sbin:usr/sbin lib:usr/lib lib64:usr/lib64; do /bb/ln -s ${{l#*:}} ${{l%%:*}}; done
-  /bb/cp -a /bb/. bb/
-  /bb/cp /init ./init
-  /bb/mount --move /dev /newroot/dev
-  /bb/mount --move /proc /newroot/proc
-  /bb/mount --move /sys /newroot/sys
-  exec /bb/switch_root /newroot /init stage2
-fi
-/bb/mkdir -p /dev/pts /dev/shm /dev/mqueue
-/bb/mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
-/bb/mount -t tmpfs -o mode=1777 shm /dev/shm
-/bb/mount -t tmpfs -o mode=1777 tmpfs /tmp
-/bb/mount -t tmpfs -o mode=755 tmpfs /run
-/bb/mount -t cgroup2 cgroup2 /sys/fs/cgroup
-/bb/mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose {TAG_USR} /usr \\
-  || {{ echo "podshim-init: cannot mount the host /usr"; /bb/poweroff -f; }}
-/bb/mkdir -p {GUEST_AGENT_ROOT}/podshim/guest {GUEST_SHARED}
-: > {GUEST_AGENT_ROOT}/podshim/__init__.py
-/bb/mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose {TAG_AGENT} \\
-  {GUEST_AGENT_ROOT}/podshim/guest || {{ echo "podshim-init: cannot mount the agent"; /bb/poweroff -f; }}
-/bb/mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=mmap {TAG_SHARED} {GUEST_SHARED} \\
-  || {{ echo "podshim-init: cannot mount the pod share"; /bb/poweroff -f; }}
-/bb/ip link set lo up
-cd /
-echo "podshim-init: agent $(/bb/cut -d' ' -f1 /proc/uptime)"
-export PYTHONPATH={GUEST_AGENT_ROOT} PYTHONDONTWRITEBYTECODE=1
-exec /usr/bin/python3 -u -S -m podshim.guest.agent
-"""
 
 
 class ImageError(Exception):
@@ -272,7 +226,6 @@ def write_initramfs(out: BinaryIO, busybox: bytes, modules: Mapping[str, bytes],
     c.file("bb/busybox", busybox, 0o755)
     for applet in BUSYBOX_APPLETS:
         c.symlink(f"bb/{applet}", "busybox")
-    c.file("init", INIT_SCRIPT.encode(), 0o755)
     for name in order:
         c.file(f"mods/{name}.ko", modules[name])
     c.file("mods/order", "".join(f"{m}\n" for m in order).encode())
