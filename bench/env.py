@@ -215,6 +215,7 @@ class BenchEnv:
         self.overlay = VarLibOverlay(self.base / "var-lib")
         self.cd = CriContainerd(self.base / "containerd", sandbox_image=PAUSE_REF)
         self.cd.log_level = log_level
+        self.cd.loop_check = False  # the tests' debug check would be measured with the shim
         install_cold_runtime(self.cd, self.base / "cold-bin")
         self.smoke = smoke
         self.env: Env | None = None
