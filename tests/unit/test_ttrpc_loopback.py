@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import stat
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -472,3 +474,48 @@ async def test_client_backpressure_respects_timeout(tmp_path: Path) -> None:
         await asyncio.wait_for(c.wait_closed(), WAIT)
     finally:
         stuck.close()
+
+
+_OTHER_UID_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(bytes.fromhex(sys.argv[2]))
+try:
+    print("closed" if s.recv(65536) == b"" else "answered")
+except ConnectionResetError:  # closed with our request unread
+    print("closed")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+async def test_a_client_with_another_uid_is_refused_by_the_default_check(tmp_path: Path) -> None:
+    """The real peer check (SO_PEERCRED, same euid), from a process that really is another
+    user: the socket is opened to everyone here so that only the check stands in the way."""
+    d = Path(tempfile.mkdtemp(prefix="podshim-peer-", dir="/tmp"))
+    try:
+        d.chmod(0o755)
+        e = await _start(d)
+        e.path.chmod(0o666)
+        request = encode_request(SVC, "State", StateReq(id="x").SerializeToString())
+        frame = encode_frame(1, MSG_REQUEST, request)
+        proc = await asyncio.create_subprocess_exec(
+            "/usr/bin/python3", "-S", "-c", _OTHER_UID_CLIENT, str(e.path), frame.hex(),
+            user=65534, group=65534, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        try:
+            assert proc.returncode == 0, err.decode()
+            assert out.decode().strip() == "closed"
+            assert e.server.connection_count == 0
+            assert e.service.contexts == [], "the handler ran for another user"
+            # Our own uid is still served.
+            c = await BoundedClient.connect(e.path)
+            assert (await c.call(SVC, "State", StateReq(id="ok"), StateResp)).id == "ok"
+            await c.close()
+        finally:
+            await e.server.close(grace=0.1)
+            await e.serve_task
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
