@@ -268,6 +268,9 @@ def build(
     c.file(f"{GUEST_AGENT_ROOT}/podshim/__init__.py".lstrip("/"), b"")
     parents(INIT)
     c.file(INIT.lstrip("/"), INIT_SCRIPT.encode(), 0o755)
+    # busybox's switch_root only leaves a root that has a regular /init (its test for an
+    # initramfs); the base archive has none of its own, so the layer's init stands there too.
+    c.file("init", INIT_SCRIPT.encode(), 0o755)
     c.close()
     log(f"guest layer: python {python}, {len(modules)} modules, runc, {len(entries)} files")
     return inputs

@@ -179,3 +179,38 @@ def test_layer_locate_refuses_a_stale_layer(tmp_path: Path) -> None:
     host_file.write_bytes(b"python upgraded")
     with pytest.raises(vmimage.ImageError, match="changed since the guest layer was built"):
         vmlayer.locate(img)
+
+
+def _cpio_names(data: bytes) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    pos = 0
+    while data[pos : pos + 6] == b"070701":
+        fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        size, namesize = fields[6], fields[11]
+        name = data[pos + 110 : pos + 110 + namesize - 1].decode()
+        pos = (pos + 110 + namesize + 3) & ~3
+        out[name] = data[pos : pos + size]
+        pos = (pos + size + 3) & ~3
+    return out
+
+
+def test_the_layer_holds_the_init_switch_root_needs_and_the_agents_modules() -> None:
+    """The base archive has no init: busybox's switch_root refuses to leave a root without a
+    regular /init, so the layer brings one (a cold boot panicked without it).  The agent's
+    modules are podshim.guest.export_files, the shared ones included."""
+    import io
+    import json
+
+    from podshim import guest
+
+    def run(argv: list[str]) -> str:
+        if argv[0] == "ldd":
+            return ""
+        return json.dumps({"files": [], "executable": vmlayer.PYTHON})
+
+    out = io.BytesIO()
+    vmlayer.build(out, vmlayer._agent_dir(), run, log=lambda _msg: None)
+    names = _cpio_names(out.getvalue())
+    assert names["init"] == names[vmlayer.INIT.lstrip("/")] == vmlayer.INIT_SCRIPT.encode()
+    for rel, data in guest.export_files().items():
+        assert names[f"{vmlayer.GUEST_AGENT_ROOT.lstrip('/')}/podshim/guest/{rel}"] == data
