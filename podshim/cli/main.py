@@ -96,6 +96,10 @@ def vm_image(directory: str, force: bool, template: bool) -> None:
         guest = layer.prepare(img, force=force, log=say)
     except image.ImageError as e:
         raise click.ClickException(str(e)) from e
+    from podshim.vm import template as vmtemplate
+
+    for old in vmtemplate.prune(vmtemplate.root(img.dir)):
+        say(f"removed a VM template no shape keys to any more (kernel, guest layer or qemu changed): {old}")
     if template:
         _default_template(img, guest, say)
 

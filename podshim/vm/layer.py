@@ -296,6 +296,8 @@ def prepare(image: vmimage.Image, *, force: bool = False, log: Callable[[str], N
         with contextlib.suppress(vmimage.ImageError):
             layer = locate(image)
             log(f"guest layer {layer.key} is up to date")
+            for old in prune(image, keep=_manifest_path(image.dir, agent_hash())):
+                log(f"removed an earlier guest layer: {old}")
             return layer
     d = os.path.join(image.dir, SUBDIR)
     os.makedirs(d, exist_ok=True)
@@ -318,4 +320,25 @@ def prepare(image: vmimage.Image, *, force: bool = False, log: Callable[[str], N
     # The manifest goes last: a layer interrupted half-way is never taken for a good one.
     os.replace(mt.name, _manifest_path(image.dir, ahash))
     log(f"guest layer ready: {os.path.join(d, name)} ({len(combined) >> 20} MiB with the base)")
+    for old in prune(image, keep=_manifest_path(image.dir, ahash)):
+        log(f"removed an earlier guest layer: {old}")
     return Layer(key, os.path.join(d, name))
+
+
+def prune(image: vmimage.Image, keep: str) -> list[str]:
+    """Remove every guest layer but the one whose manifest is ``keep``: a layer is keyed on the
+    agent's sources, so an earlier one serves no shim of this podshim.  (The templates built on
+    them go with ``template.prune``.)  Returns what was removed."""
+    d = os.path.join(image.dir, SUBDIR)
+    with open(keep) as f:
+        kept = str(json.load(f)["initrd"])
+    removed = []
+    for name in sorted(os.listdir(d)):
+        path = os.path.join(d, name)
+        stale_manifest = name.endswith(".json") and path != keep
+        stale_initrd = name.startswith("initrd-") and name.endswith(".cpio") and name != kept
+        if stale_manifest or stale_initrd:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
+    return removed

@@ -232,6 +232,46 @@ async def ensure(shape: Shape, directory: str = "", builder: Builder | None = No
         os.close(fd)
 
 
+def prune(top: str = "", accel: qemu.Accel | None = None) -> list[str]:
+    """Remove the templates no shape can key to any more (their kernel, initramfs or qemu is
+    gone or was rebuilt: an earlier guest layer or image), and failure records past their retry
+    time.
+    For ``podshim vm-image``, never the shim.  Clones running from a removed template keep the
+    pages they map.  Returns what was removed."""
+    top = top or root()
+    removed: list[str] = []
+    try:
+        names = os.listdir(top)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        path = os.path.join(top, name)
+        if name.endswith(".failed"):
+            if not _failure(path):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    removed.append(path)
+            continue
+        if name.startswith(".") or not os.path.isdir(path):
+            continue
+        try:
+            with open(os.path.join(path, META_FILE)) as f:
+                shape = Shape(**json.load(f)["shape"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being built, or not ours: left alone
+        try:
+            if key(shape, accel or qemu.detect_accel()) == name:
+                continue
+        except TemplateUnavailable:
+            pass  # its kernel or initramfs is gone
+        aside = f"{path}.stale-{os.getpid()}-{time.monotonic_ns()}"
+        with contextlib.suppress(OSError):
+            os.rename(path, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def invalidate(t: Template, why: str) -> None:
     """A template that could not be restored: rename it away and unlink it, never rewrite it
     (running clones keep the pages they map), so that the next pod builds a new one."""

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,53 @@ def test_the_layer_holds_the_init_switch_root_needs_and_the_agents_modules() -> 
     assert names["init"] == names[vmlayer.INIT.lstrip("/")] == vmlayer.INIT_SCRIPT.encode()
     for rel, data in guest.export_files().items():
         assert names[f"{vmlayer.GUEST_AGENT_ROOT.lstrip('/')}/podshim/guest/{rel}"] == data
+
+
+def test_pruning_removes_only_what_no_shape_can_use_again(tmp_path: Path) -> None:
+    """Templates and guest layers of earlier podshims are 150 and 28 MiB each: `podshim vm-image`
+    removes the templates no shape keys to any more (an input gone or rebuilt) and the earlier
+    layers, and keeps the current ones and anything being built."""
+    kernel, current, old = tmp_path / "vmlinux", tmp_path / "initrd-new.cpio", tmp_path / "gone.cpio"
+    kernel.write_bytes(b"k")
+    current.write_bytes(b"i")
+    top = tmp_path / "templates"
+    accel = qemu.Accel("tcg", "test")
+
+    def template(initrd: Path, name: str = "") -> Path:
+        shape = vmtemplate.Shape(256, 1, str(kernel), str(initrd))
+        d = top / (name or vmtemplate.key(shape, accel))
+        d.mkdir(parents=True)
+        (d / vmtemplate.META_FILE).write_text(json.dumps({"shape": asdict(shape)}))
+        return d
+
+    keep = template(current)
+    gone = template(old, name="0" * 24)  # its initramfs was removed
+    rebuilt = template(current, name="1" * 24)  # built on an earlier file at the same path
+    building = top / ".build-x"
+    building.mkdir()
+    (top / "recent.failed").write_text(json.dumps({"at": time.time(), "reason": "r"}))
+    (top / "old.failed").write_text(
+        json.dumps({"at": time.time() - 2 * vmtemplate.RETRY_AFTER, "reason": "r"})
+    )
+    removed = vmtemplate.prune(str(top), accel)
+    assert sorted(removed) == sorted([str(gone), str(rebuilt), str(top / "old.failed")])
+    assert keep.is_dir() and building.is_dir() and (top / "recent.failed").exists()
+    assert not list(top.glob("*.stale-*"))
+
+    img = vmimage.Image(
+        dir=str(tmp_path),
+        kernel=str(kernel),
+        initrd=str(current),
+        package="p",
+        version="v",
+        release="r",
+        modules=(),
+    )
+    guest = tmp_path / vmlayer.SUBDIR
+    guest.mkdir()
+    for name, initrd in (("a" * 32, "initrd-a.cpio"), ("b" * 32, "initrd-b.cpio")):
+        (guest / f"{name}.json").write_text(json.dumps({"initrd": initrd}))
+        (guest / initrd).write_bytes(b"x")
+    removed = vmlayer.prune(img, keep=str(guest / f"{'b' * 32}.json"))
+    assert sorted(os.path.basename(p) for p in removed) == [f"{'a' * 32}.json", "initrd-a.cpio"]
+    assert sorted(os.listdir(guest)) == [f"{'b' * 32}.json", "initrd-b.cpio"]
