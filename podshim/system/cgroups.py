@@ -19,6 +19,7 @@ from podshim.system.cgroupfs import OOMWatch
 from podshim.system.cgroupfs import unified_host as unified_host
 from podshim.system.cgroupfs import v1_metrics as v1_metrics
 from podshim.system.cgroupfs import v2_metrics as v2_metrics
+from podshim.system.fds import read_text
 
 V1_METRICS_URL = "io.containerd.cgroups.v1.Metrics"
 V2_METRICS_URL = "io.containerd.cgroups.v2.Metrics"
@@ -175,14 +176,6 @@ async def remove(cg: Cgroup, attempts: int = 50, pause: float = 0.01) -> None:
                 await asyncio.sleep(pause)
 
 
-def _read_text(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def _subtree(cg: Cgroup) -> list[str]:
     """Every directory of the cgroup and of any cgroup made below it, deepest first."""
     out: list[str] = []
@@ -224,7 +217,7 @@ def destroy(cg: Cgroup, timeout: float = 2.0) -> bool:
             frozen = True
         state = os.path.join(cg.v1.get("freezer", ""), "freezer.state")
         while frozen and cg.v1.get("freezer") and time.monotonic() < deadline:
-            if _read_text(state).strip() != "FREEZING":
+            if read_text(state).strip() != "FREEZING":
                 break
             time.sleep(0.01)
         for pid in _procs(dirs):
