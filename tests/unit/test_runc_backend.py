@@ -69,7 +69,7 @@ def _children(pid: int) -> list[int]:
         return [int(x) for x in f.read().split()]
 
 
-def test_kill_strays_kills_only_the_unknown_newcomer(procs: list[subprocess.Popen[bytes]]) -> None:
+async def test_kill_strays_kills_only_the_unknown_newcomer(procs: list[subprocess.Popen[bytes]]) -> None:
     old = subprocess.Popen(["sleep", "100"])  # in the cgroup from before the failed exec
     procs.append(old)
     old_start = rb._stat(old.pid)[1]
@@ -95,14 +95,14 @@ def test_kill_strays_kills_only_the_unknown_newcomer(procs: list[subprocess.Pope
     c.exec_starts = 1
     c.init = type("Init", (), {"pid": init.pid})()  # type: ignore[assignment]
     try:
-        c.kill_strays(since)
+        await c.kill_strays(since)
         assert stray.wait(BOUND) == -9
         assert old.poll() is None and init.poll() is None and alive(grandchild)
     finally:
         os.kill(grandchild, 9)
 
 
-def test_kill_strays_waits_for_a_concurrent_exec_start(procs: list[subprocess.Popen[bytes]]) -> None:
+async def test_kill_strays_waits_for_a_concurrent_exec_start(procs: list[subprocess.Popen[bytes]]) -> None:
     since = rb.boot_ticks()
     stray = subprocess.Popen(["sleep", "100"])
     procs.append(stray)
@@ -112,5 +112,35 @@ def test_kill_strays_waits_for_a_concurrent_exec_start(procs: list[subprocess.Po
     c.execs = set()
     c.exec_starts = 2  # the other start's process is unknown too, and must not be killed
     c.init = type("Init", (), {"pid": os.getpid()})()  # type: ignore[assignment]
-    c.kill_strays(since)
+    await c.kill_strays(since)
     assert stray.poll() is None
+
+
+class GrowingCgroup:
+    """A cgroup in which a stray appears only after the first look: what an orphaned
+    ``runc init`` does when it forks the workload just after its parent runc was killed."""
+
+    def __init__(self, procs: list[subprocess.Popen[bytes]]) -> None:
+        self.procs = procs
+        self.looks = 0
+
+    def pids(self) -> list[int]:
+        self.looks += 1
+        if self.looks == 2:
+            self.procs.append(subprocess.Popen(["sleep", "100"]))
+        return [p.pid for p in self.procs]
+
+
+async def test_kill_strays_catches_a_stray_forked_after_the_first_look(
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    since = rb.boot_ticks()
+    c = rb.RuncContainer.__new__(rb.RuncContainer)
+    c.id = "c1"
+    c.cgroup = GrowingCgroup(procs)  # type: ignore[assignment]
+    c.execs = set()
+    c.exec_starts = 1
+    c.init = type("Init", (), {"pid": os.getpid()})()  # type: ignore[assignment]
+    await c.kill_strays(since)
+    (late,) = procs
+    assert late.wait(BOUND) == -9, "a stray that forked after the first scan lived on"

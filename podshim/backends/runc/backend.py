@@ -43,6 +43,11 @@ def exec_pid_file(bundle: str, exec_id: str) -> str:
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+# A failed exec's strays: scanned until this many passes in a row find none (or at most
+# STRAY_SCANS passes), STRAY_SCAN_PAUSE apart.
+STRAY_SCANS = 25
+STRAY_QUIET_SCANS = 3
+STRAY_SCAN_PAUSE = 0.02
 
 
 def boot_ticks() -> int:
@@ -50,14 +55,14 @@ def boot_ticks() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _TICKS)
 
 
-def _stat(pid: int) -> tuple[int, int]:
-    """(parent pid, start time in ticks since boot); (0, 0) once it is gone."""
+def _stat(pid: int) -> tuple[int, int, str]:
+    """(parent pid, start time in ticks since boot, state); (0, 0, "") once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[1]), int(fields[19])
+        return int(fields[1]), int(fields[19]), fields[0]
     except (OSError, ValueError, IndexError):
-        return 0, 0
+        return 0, 0, ""
 
 
 def _descends_from(pid: int, ancestors: set[int]) -> bool:
@@ -205,7 +210,7 @@ class RuncExec(_RuncProcess):
                         console.cancel()
                     self.pid = await _kill_half_started(pid_file, self.exited)
                     if not self.pid:
-                        c.kill_strays(since)
+                        await c.kill_strays(since)
                     raise
                 if console is not None:
                     self.pio.attach_console(await console)
@@ -310,22 +315,36 @@ class RuncContainer(Container):
         self.execs.add(e)
         return e
 
-    def kill_strays(self, since: int) -> None:
+    async def kill_strays(self, since: int) -> None:
         """After a ``runc exec`` killed (a deadline) before it wrote its pid file: the process it
         was starting may live on in the container, known to nobody.  It is a process of the
         cgroup that started after ``since`` (boot ticks) and descends neither from the init nor
         from a known exec.  Skipped while another exec start is in flight, whose process is not
-        known yet either."""
+        known yet either.
+
+        Scanned until the cgroup stays quiet for a few passes: runc's orphaned ``runc init``
+        forks the process it was starting, so a single pass can kill the parent while its child
+        (not in the list just read) goes on to exec the workload."""
         if self.exec_starts > 1 or self.cgroup is None:
             log.info("%s: not looking for strays of a failed exec (%d starts)", self.id, self.exec_starts)
             return
-        known = {self.init.pid} | {e.pid for e in self.execs if e.pid}
-        for pid in self.cgroup.pids():
-            if _stat(pid)[1] >= since and not _descends_from(pid, known):
+        quiet = 0
+        for _ in range(STRAY_SCANS):
+            known = {self.init.pid} | {e.pid for e in self.execs if e.pid}
+            strays = []
+            for pid in self.cgroup.pids():
+                _, started, state = _stat(pid)
+                if started >= since and state not in ("", "Z", "X") and not _descends_from(pid, known):
+                    strays.append(pid)
+            for pid in strays:
                 log.info("%s: killing %d, left by a failed exec", self.id, pid)
                 # A descendant of ours, not reaped yet (we are its subreaper): the pid is its own.
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            quiet = 0 if strays else quiet + 1
+            if quiet >= STRAY_QUIET_SCANS:
+                return
+            await asyncio.sleep(STRAY_SCAN_PAUSE)
 
     async def kill_all(self, signal: int) -> None:
         try:
