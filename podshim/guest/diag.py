@@ -15,12 +15,13 @@ import shutil
 import threading
 from typing import Any
 
+from podshim.guest.paths import SHARE_DIR
 from podshim.guest.reaper import run
 from podshim.guest.stacks import thread_stacks
 from podshim.system.children import Exit
 
 MOUNT = "/bb/mount"
-SHARED_ROOT = "/run/podshim/shared/"
+SHARED_ROOT = SHARE_DIR + "/"
 RESERVED = ("/run/podshim", "/usr", "/proc", "/sys", "/dev", "/bb", "/init")
 # The guest layer has python and crun, not coreutils: the tools are busybox applets in /bb.
 EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/bb"

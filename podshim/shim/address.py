@@ -148,10 +148,10 @@ def remove_if_dead(path: str) -> None:
             _unlink(path)
 
 
-def _refused(path: str) -> bool:
+def _refused(path: str, kind: int = socket.SOCK_STREAM) -> bool:
     """True when nothing listens on the unix socket ``path``: for a unix socket the kernel
     answers at once, ECONNREFUSED (or ENOENT), with no timeout to guess."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    s = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK)
     try:
         s.connect(path)
         return False
@@ -170,18 +170,10 @@ def remove_own(path: str) -> None:
         _unlink(path)
 
 
-def is_live(path: str, timeout: float = 0.1, kind: int = socket.SOCK_STREAM) -> bool:
-    """Whether something accepts connections on ``path`` (the zygote's socket, which has no
-    lifetime lock: a zygote that is gone costs speed only)."""
-    s = socket.socket(socket.AF_UNIX, kind)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+def is_live(path: str, kind: int = socket.SOCK_STREAM) -> bool:
+    """Whether something listens on ``path`` (the zygote's socket, which has no lifetime lock:
+    a zygote that is gone costs speed only)."""
+    return not _refused(path, kind)
 
 
 def listen_unlocked(path: str, kind: int, backlog: int) -> socket.socket | None:

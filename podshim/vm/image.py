@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from podshim.guest.paths import SHARE_DIR, SHARE_TAG
+
 DEFAULT_DIR = "/var/lib/podshim/vm"
 DIR_ENV = "PODSHIM_VM_DIR"
 KERNEL_META_PACKAGE = "linux-image-amd64"
@@ -55,10 +57,9 @@ BUSYBOX_APPLETS = (
     "ip", "poweroff", "sleep", "ls", "rm", "dmesg", "cut",
 )  # fmt: skip
 
-# The pod share's mount tag, shared between the qemu command line and the agent's setup.
-TAG_SHARED = "podshim-shared"
-GUEST_SHARED = "/run/podshim/shared"
-
+# The pod share's mount tag and place in the guest: the agent's (its setup mounts it).
+TAG_SHARED = SHARE_TAG
+GUEST_SHARED = SHARE_DIR
 
 
 class ImageError(Exception):

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from podshim import guest as agent_package
 from podshim.vm import image as vmimage
 
 FORMAT = 1
@@ -120,20 +121,10 @@ def agent_hash() -> str:
     h = hashlib.sha256(f"layer {FORMAT}\n".encode())
     with open(__file__, "rb") as f:
         h.update(f.read())
-    from podshim import guest
-
-    for module in guest.MODULES:  # sources only: the shim checks this at every VM's start
-        with open(guest.source_file(module), "rb") as f:
+    for module in agent_package.MODULES:  # sources only: the shim checks this at every VM's start
+        with open(agent_package.source_file(module), "rb") as f:
             h.update(module.encode() + b"\0" + f.read())
     return h.hexdigest()[:32]
-
-
-def _agent_files() -> dict[str, bytes]:
-    """The agent's modules as the guest gets them (:func:`podshim.guest.export_files`): the
-    ``podshim.guest`` package and the shared ``podshim.system`` modules, with bytecode."""
-    from podshim import guest
-
-    return guest.export_files()
 
 
 def _identity(path: str) -> list[int]:
@@ -145,10 +136,11 @@ def _manifest_path(d: str, ahash: str) -> str:
     return os.path.join(d, SUBDIR, f"{ahash}.json")
 
 
-def locate(image: vmimage.Image) -> Layer:
-    """The layer built for this podshim's agent and these host files, or ImageError."""
+def locate(image: vmimage.Image, ahash: str = "") -> Layer:
+    """The layer built for this podshim's agent (``ahash``: :func:`agent_hash`, computed if not
+    given) and these host files, or ImageError."""
     hint = f"run `podshim vm-image --dir {image.dir}` (or scripts/setup.sh)"
-    path = _manifest_path(image.dir, agent_hash())
+    path = _manifest_path(image.dir, ahash or agent_hash())
     try:
         with open(path) as f:
             data = json.load(f)
@@ -261,7 +253,7 @@ def build(
         c.file(guest.lstrip("/"), data, stat.S_IMODE(st.st_mode), mtime=int(st.st_mtime))
         inputs[src] = [st.st_size, st.st_mtime_ns]
     # The agent's modules with their bytecode, laid out by podshim.guest.export_files.
-    for rel, data in sorted(_agent_files().items()):
+    for rel, data in sorted(agent_package.export_files().items()):
         guest_path = f"{GUEST_AGENT_ROOT}/podshim/guest/{rel}"
         parents(guest_path)
         c.file(guest_path.lstrip("/"), data)
@@ -289,14 +281,16 @@ def _run(argv: list[str]) -> str:
 def prepare(image: vmimage.Image, *, force: bool = False, log: Callable[[str], None] = print) -> Layer:
     """Build the layer for this podshim unless an up-to-date one is cached; idempotent."""
     agent_dir = _agent_dir()
+    ahash = agent_hash()
+    manifest = _manifest_path(image.dir, ahash)
     for binary in (PYTHON, RUNC):
         if not os.path.exists(binary):
             raise vmimage.ImageError(f"{binary} is missing: apt-get install python3 runc")
     if not force:
         with contextlib.suppress(vmimage.ImageError):
-            layer = locate(image)
+            layer = locate(image, ahash)
             log(f"guest layer {layer.key} is up to date")
-            for old in prune(image, keep=_manifest_path(image.dir, agent_hash())):
+            for old in prune(image, keep=manifest):
                 log(f"removed an earlier guest layer: {old}")
             return layer
     d = os.path.join(image.dir, SUBDIR)
@@ -312,15 +306,14 @@ def prepare(image: vmimage.Image, *, force: bool = False, log: Callable[[str], N
         tmp.write(combined)
     os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, os.path.join(d, name))
-    manifest = {"key": key, "initrd": name, "base": _identity(image.initrd), "inputs": inputs}
-    ahash = agent_hash()
+    record = {"key": key, "initrd": name, "base": _identity(image.initrd), "inputs": inputs}
     with tempfile.NamedTemporaryFile("w", dir=d, prefix=".manifest-", delete=False) as mt:
-        json.dump(manifest, mt, indent=1)
+        json.dump(record, mt, indent=1)
     os.chmod(mt.name, 0o644)
     # The manifest goes last: a layer interrupted half-way is never taken for a good one.
-    os.replace(mt.name, _manifest_path(image.dir, ahash))
+    os.replace(mt.name, manifest)
     log(f"guest layer ready: {os.path.join(d, name)} ({len(combined) >> 20} MiB with the base)")
-    for old in prune(image, keep=_manifest_path(image.dir, ahash)):
+    for old in prune(image, keep=manifest):
         log(f"removed an earlier guest layer: {old}")
     return Layer(key, os.path.join(d, name))
 

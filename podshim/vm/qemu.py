@@ -62,7 +62,6 @@ PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-
 class VMError(Exception):
     """The VM could not be started or has gone; the message says why."""
 
@@ -492,34 +491,34 @@ class QemuVM:
     async def restore(self, deadline: float) -> None:
         """CLONE: load the template's device state; the guest resumes by itself once loaded.  A
         state qemu cannot load makes it exit, which is a VMError here."""
-        qmp = await self._qmp(deadline)
 
-        async def running() -> bool:
+        async def running(qmp: QMP) -> bool:
             return bool((await qmp.execute("query-status")).get("status") == "running")
 
-        try:
-            await self._migration(qmp, incoming=True)
-            await _until(running, deadline, "the clone's restore")
-        except (QMPError, OSError) as e:
-            raise VMError(f"cannot restore from the template: {e}: {self.console_tail()}") from e
-        finally:
-            qmp.close()
+        await self._migrate(deadline, True, running, "the clone's restore")
 
     async def save(self, deadline: float) -> None:
         """TEMPLATE: write the device state to the config's state file; the guest stays paused."""
-        qmp = await self._qmp(deadline)
 
-        async def saved() -> bool:
+        async def saved(qmp: QMP) -> bool:
             info = await qmp.execute("query-migrate")
             if info.get("status") in ("failed", "cancelled"):
                 raise VMError(f"saving the template failed: {info.get('error-desc') or info.get('status')}")
             return bool(info.get("status") == "completed")
 
+        await self._migrate(deadline, False, saved, "the template's save")
+
+    async def _migrate(
+        self, deadline: float, incoming: bool, done: Callable[[QMP], Awaitable[bool]], what: str
+    ) -> None:
+        """The migration in or out, then ``done`` polled until true or the deadline."""
+        qmp = await self._qmp(deadline)
         try:
-            await self._migration(qmp, incoming=False)
-            await _until(saved, deadline, "the template's save")
+            await self._migration(qmp, incoming)
+            await _until(lambda: done(qmp), deadline, what)
         except (QMPError, OSError) as e:
-            raise VMError(f"cannot save the template: {e}") from e
+            tail = f": {self.console_tail()}" if incoming else ""
+            raise VMError(f"cannot {'restore from' if incoming else 'save'} the template: {e}{tail}") from e
         finally:
             qmp.close()
 
