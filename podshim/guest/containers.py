@@ -8,6 +8,7 @@ import select
 import threading
 from typing import TYPE_CHECKING, Any
 
+from podshim.guest.errors import FailedPrecondition, InvalidArgument
 from podshim.guest.reaper import REAPER
 from podshim.guest.stdio import Stdio
 from podshim.system.cgroupfs import CGROUP_ROOT, Cgroup, OOMWatch, read_keyed
@@ -17,6 +18,8 @@ from podshim.system.fds import close_fds
 if TYPE_CHECKING:
     from podshim.guest.agent import Agent
 
+HELD_CONTROLLERS = ("cpu", "memory", "pids", "io")
+
 
 class Proc:
     def __init__(self, container: Container, exec_id: str, stdio: Stdio) -> None:
@@ -25,6 +28,7 @@ class Proc:
         self.stdio = stdio
         self.pid = 0
         self.status: int | None = None
+        self.done = threading.Event()
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -41,17 +45,59 @@ class Proc:
 
     def _exited(self, ex: Exit) -> None:
         self.container.agent.process_exited(self, ex.status)
+        self.done.set()
 
 
 class Container:
-    def __init__(self, agent: Agent, cid: str, bundle: str) -> None:
+    def __init__(self, agent: Agent, cid: str, bundle: str, held: bool = False) -> None:
         self.agent = agent
         self.id = cid
         self.bundle = bundle
+        # The pod's sandbox, held by the agent (:mod:`podshim.guest.holder`): no runc container.
+        self.held = held
         self.init: Proc | None = None
         self.execs: dict[str, Proc] = {}
         self.cgroup: Cgroup | None = None
         self._oom_stop: int = -1
+
+    def held_pid(self) -> int:
+        """The holder's pid while it lives, else FailedPrecondition."""
+        p = self.init
+        if p is None or not p.pid or p.status is not None:
+            raise FailedPrecondition("process already finished")
+        return p.pid
+
+    def place_in_cgroup(self, path: str) -> None:
+        """Put the holder in ``path`` (the sandbox's cgroups path, below the guest's root), with
+        the controllers its stats read enabled on the way, as the runtime does for a container."""
+        assert self.init is not None
+        rel = os.path.normpath("/" + path).lstrip("/")
+        if not rel or ".." in path.split("/"):
+            raise InvalidArgument(f"bad cgroups path {path!r}")
+        d = CGROUP_ROOT
+        with open(os.path.join(d, "cgroup.controllers")) as f:
+            wanted = [c for c in f.read().split() if c in HELD_CONTROLLERS]
+        for part in rel.split("/"):
+            # What the kernel refuses, the stats leave out.
+            with contextlib.suppress(OSError), open(os.path.join(d, "cgroup.subtree_control"), "w") as f:
+                f.write(" ".join(f"+{c}" for c in wanted))
+            d = os.path.join(d, part)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d)
+        with open(os.path.join(d, "cgroup.procs"), "w") as f:
+            f.write(str(self.init.pid))
+        self.cgroup = Cgroup({}, d)
+
+    def freeze(self, frozen: bool) -> None:
+        if self.cgroup is None or self.cgroup.v2 is None:
+            raise FailedPrecondition(f"{self.id} has no cgroup to freeze")
+        with open(os.path.join(self.cgroup.v2, "cgroup.freeze"), "w") as f:
+            f.write("1" if frozen else "0")
+
+    def remove_cgroup(self) -> None:
+        if self.cgroup is not None and self.cgroup.v2 is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.cgroup.v2)
 
     def find_cgroup(self) -> None:
         assert self.init is not None

@@ -79,21 +79,17 @@ def pod_netns(spec: dict[str, Any]) -> str:
     return ""
 
 
-def guest_commands(net: PodNetwork, guest_if: str = "eth0") -> list[list[str]]:
-    """ip(8) commands that give the guest's interface the pod's addresses and routes."""
-    cmds = [["link", "set", guest_if, "mtu", str(net.mtu)], ["link", "set", guest_if, "up"]]
-    for a in net.addresses:
-        fam = "-6" if a.family == socket.AF_INET6 else "-4"
-        cmds.append([fam, "addr", "add", f"{a.address}/{a.prefixlen}", "dev", guest_if])
-    # Routes through a gateway after the on-link ones they depend on.
-    for r in sorted(net.routes, key=lambda r: bool(r.gateway)):
-        fam = "-6" if r.family == socket.AF_INET6 else "-4"
-        dst = f"{r.dst}/{r.dst_len}" if r.dst_len else "default"
-        cmd = [fam, "route", "replace", dst]
-        if r.gateway:
-            cmd += ["via", r.gateway]
-        cmds.append([*cmd, "dev", guest_if])
-    return cmds
+def guest_network(net: PodNetwork) -> dict[str, Any]:
+    """The agent's ``setup`` ``network``: MTU, addresses and routes for the guest's interface
+    (the agent sends them as rtnetlink requests, :mod:`podshim.guest.netlink`)."""
+    return {
+        "mtu": net.mtu,
+        "addresses": [[a.address, a.prefixlen] for a in net.addresses],
+        "routes": [
+            [r.dst if r.dst_len else "", r.dst_len, r.gateway or "", 6 if r.family == socket.AF_INET6 else 4]
+            for r in net.routes
+        ],
+    }
 
 
 # -- netlink, in a worker thread -------------------------------------------------------------------

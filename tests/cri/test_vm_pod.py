@@ -11,10 +11,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 from harness import leaks
+from harness.ctr import Ctr
 from harness.poll import wait_until
 
 from podshim.backends.vm.spec import ANN_MEMORY
@@ -24,6 +26,7 @@ from podshim.vm import qemu
 from .checks import wait_no_shim
 from .client import EXITED, NOTREADY, READY, RUNNING, CriClient
 from .harness import CNI_SUBNET, PODSHIM_HANDLER, SHIM_BINARIES, CriContainerd
+from .test_diag_pods import PODSHIM_CLI
 
 VM = {"podshim.io/isolation": "vm"}
 HTTPD = [
@@ -138,4 +141,58 @@ def test_vm_pod_qemu_killed(cri: CriClient, busybox: str) -> None:
     cri.stop_pod(pod.id)
     cri.remove_pod(pod.id)
     wait_no_shim(shim_binary, pod.id)
+    assert_vm_gone(pod.id)
+
+
+def test_vm_pod_sandbox_is_held_by_the_agent_not_a_pause_container(
+    cri: CriClient, cri_containerd: CriContainerd, busybox: str
+) -> None:
+    """A VM pod's sandbox is a process of the agent's holding the pod's namespaces: seen from a
+    container sharing its PID namespace (as a pod author would look), it is PID 1 and reaps
+    orphans as pause does, runs as 65535 with no capability and no_new_privs, and has nothing
+    to show: an empty root, no descriptor but /dev/null.  The workloads join its IPC and UTS
+    namespaces; the sandbox task answers metrics; stopping the pod ends it."""
+    pod = cri.run_pod("heldpod", PODSHIM_HANDLER, VM, share_pid=True)
+    sandbox_pid = cri.sandbox_pid(pod.id)
+    a = cri.run_container(pod, "a", SLEEPER, image=busybox)
+    b = cri.run_container(pod, "b", SLEEPER, image=busybox)
+    for cid in (a, b):
+        assert cri.wait_container_state(cid, RUNNING).state == RUNNING
+
+    status = cri.exec_sync(a, ["cat", "/proc/1/status"]).stdout
+    fields = {k: v.split() for k, _, v in (line.partition(":") for line in status.splitlines())}
+    assert fields["Name"] == ["pod-sandbox"], status
+    assert fields["Uid"] == ["65535"] * 4 and fields["Gid"] == ["65535"] * 4, status
+    assert fields["CapEff"] == ["0000000000000000"] and fields["CapPrm"] == ["0000000000000000"], status
+    assert fields["NoNewPrivs"] == ["1"], status
+    assert fields["NSpid"] == ["1"], status
+    # Root in a container has no CAP_SYS_PTRACE: nothing of the holder's to open.
+    peek = cri.exec_sync(a, ["ls", "-a", "/proc/1/root/"])
+    assert peek.exit_code != 0 and "denied" in peek.stderr, peek
+
+    # IPC, UTS and PID are the sandbox's (read in the guest, from the operator's side), shared
+    # by both containers, and not the guest's own.
+    for ns in ("ipc", "uts", "pid"):
+        got = {cri.exec_sync(cid, ["readlink", f"/proc/self/ns/{ns}"]).stdout.strip() for cid in (a, b)}
+        script = f"readlink /proc/{sandbox_pid}/ns/{ns}; readlink /proc/1/ns/{ns}"
+        guest = subprocess.run(
+            [PODSHIM_CLI, "exec", pod.id, "--", "sh", "-c", script],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout.split()  # fmt: skip
+        assert got == {guest[0]} and guest[0] != guest[1], f"{ns}: containers {got}, holder and guest {guest}"
+    assert cri.exec_sync(a, ["hostname"]).stdout.strip() == "heldpod"
+
+    # An orphan that exits is reaped by the first process of the namespace: no zombie stays.
+    cri.exec_sync(a, ["sh", "-c", "(sleep 0.3 &) ; sleep 2"])
+    ps = cri.exec_sync(a, ["ps", "-o", "pid,stat,comm"]).stdout
+    assert not [line for line in ps.splitlines()[1:] if line.split()[1].startswith("Z")], ps
+
+    ctr = Ctr(cri_containerd.address, "k8s.io", timeout=60.0)
+    metrics = ctr.check("task", "metrics", pod.id)
+    assert "pids.current" in metrics or "pids" in metrics.lower(), metrics
+
+    cri.stop_pod(pod.id)
+    assert cri.pod_status(pod.id)[0].state == NOTREADY
+    cri.remove_pod(pod.id)
+    wait_no_shim(SHIM_BINARIES[PODSHIM_HANDLER], pod.id)
     assert_vm_gone(pod.id)

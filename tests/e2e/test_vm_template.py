@@ -157,7 +157,7 @@ async def _clone(t: vmtemplate.Template, n: int) -> dict[str, Any]:
             time_ns=time.time_ns(),
             mac=f"02:00:00:00:77:{n:02x}",
             hostname=f"clone{n}",
-            network=[["link", "set", "eth0", "up"], ["-4", "addr", "add", f"10.77.0.{10 + n}/24", "dev", "eth0"]],  # noqa: E501
+            network={"mtu": 1500, "addresses": [[f"10.77.0.{10 + n}", 24]], "routes": []},
         )
         ready = time.monotonic() - t0
         busybox_bundle(Path(cfg.shared_dir), "probe", ["sh", "-c", PROBE], _vm_network_and_hostname)

@@ -373,7 +373,7 @@ def test_pod_netns() -> None:
     assert network.pod_netns(spec({"type": "network", "path": "/proc/7/ns/net"})) == ""
 
 
-def test_guest_network_commands() -> None:
+def test_guest_network() -> None:
     import socket
 
     from podshim.vm import network
@@ -393,14 +393,11 @@ def test_guest_network_commands() -> None:
             network.Route(socket.AF_INET, "10.9.0.0", 16, ""),
         ),
     )
-    assert network.guest_commands(net) == [
-        ["link", "set", "eth0", "mtu", "1450"],
-        ["link", "set", "eth0", "up"],
-        ["-4", "addr", "add", "10.231.0.5/24", "dev", "eth0"],
-        ["-6", "addr", "add", "fd00::5/64", "dev", "eth0"],
-        ["-4", "route", "replace", "10.9.0.0/16", "dev", "eth0"],
-        ["-4", "route", "replace", "default", "via", "10.231.0.1", "dev", "eth0"],
-    ]
+    assert network.guest_network(net) == {
+        "mtu": 1450,
+        "addresses": [["10.231.0.5", 24], ["fd00::5", 64]],
+        "routes": [["", 0, "10.231.0.1", 4], ["10.9.0.0", 16, "", 4]],
+    }
 
 
 def test_run_dir_for_fits_sun_path(tmp_path: Path) -> None:
@@ -420,3 +417,48 @@ def test_clean_up_after_a_dead_shim(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     qemu.clean_up_after_shim("pod", "c1")
     assert not run_dir.exists()
     qemu.clean_up_after_shim("pod", "c1")  # nothing left to do
+
+
+SANDBOX_ANN = {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "s1"}
+
+
+def _sandbox_spec(**linux: Any) -> dict[str, Any]:
+    return {
+        "annotations": dict(SANDBOX_ANN),
+        "hostname": "web-0",
+        "process": {"user": {"uid": 65535, "gid": 65535}, "oomScoreAdj": -998, "args": ["/pause"]},
+        "linux": {
+            "namespaces": [
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                {"type": "network", "path": "/var/run/netns/cni-1"},
+            ],
+            "cgroupsPath": "kubepods-besteffort.slice:cri-containerd:s1",
+            "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0"},
+            **linux,
+        },
+    }  # fmt: skip
+
+
+def test_a_cri_sandbox_is_held_by_the_agent() -> None:
+    args = vmspec.hold_args(_sandbox_spec(), has_stdio=False)
+    assert args == {
+        "namespaces": ["pid", "ipc", "uts"],
+        "hostname": "web-0",
+        "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0"},
+        "uid": 65535,
+        "gid": 65535,
+        "cgroups_path": "/podshim/s1",
+        "oom_score_adj": -998,
+    }
+
+
+def test_what_the_agent_cannot_hold_faithfully_runs_as_a_container() -> None:
+    assert vmspec.hold_args(_sandbox_spec(), has_stdio=True) is None  # its output would be lost
+    workload = _sandbox_spec()
+    workload["annotations"]["io.kubernetes.cri.container-type"] = "container"
+    assert vmspec.hold_args(workload, has_stdio=False) is None
+    assert vmspec.hold_args({"linux": {}}, has_stdio=False) is None  # ctr run: no annotations
+    userns = _sandbox_spec(namespaces=[{"type": "user"}, {"type": "pid"}])
+    assert vmspec.hold_args(userns, has_stdio=False) is None
+    joined = _sandbox_spec(namespaces=[{"type": "ipc", "path": "/proc/7/ns/ipc"}])
+    assert vmspec.hold_args(joined, has_stdio=False) is None

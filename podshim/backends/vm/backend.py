@@ -259,7 +259,18 @@ class VMContainer(Container):
     async def create(self) -> None:
         b = self.backend
         assert b.share is not None
+        stdio = self.req.stdio
+        owner = b.owner == self.id
+        hold = vmspec.hold_args(self.req.spec, not stdio.null or stdio.terminal) if owner else None
         try:
+            if hold is not None:
+                # The pod's sandbox: the agent holds its namespaces, no pause container runs.
+                b.register(self.init)
+                resp = await b.call("hold", id=self.id, **hold)
+                self._created_in_guest = True
+                self.init.pid = int(resp["pid"])
+                b.registered_pid(self.init)
+                return
             self._prepare_bundle(b.share)
             wire = await self.init.open_stdio()
             b.register(self.init)
@@ -558,7 +569,7 @@ class VMBackend(Backend):
             "time_ns": time.time_ns(),
             "mac": net.mac if net else _random_mac(),
             "hostname": self.hostname,
-            "network": network.guest_commands(net) if net else [],
+            "network": network.guest_network(net) if net else {},
         }
 
     def _write_timings(self) -> None:

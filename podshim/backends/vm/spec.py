@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from podshim import errdefs
+from podshim import errdefs, oci
 from podshim.vm import image as vmimage
 from podshim.vm import layer as vmlayer
 
@@ -157,9 +157,8 @@ def guest_spec(
             namespaces.append(ns)
         if "namespaces" in linux:
             linux["namespaces"] = namespaces
-        cg = str(linux.get("cgroupsPath") or "")
-        if ":" in cg:
-            linux["cgroupsPath"] = "/podshim/" + cg.rsplit(":", 1)[-1]
+        if ":" in str(linux.get("cgroupsPath") or ""):
+            linux["cgroupsPath"] = guest_cgroups_path(linux)
         linux.pop("mountLabel", None)
         linux.pop("seccompNotify", None)
     proc = out.get("process")
@@ -168,6 +167,49 @@ def guest_spec(
         proc.pop("selinuxLabel", None)
     out.pop("hooks", None)
     return out, binds
+
+
+def guest_cgroups_path(linux: Mapping[str, Any]) -> str:
+    """Where a container's cgroup goes in the guest: systemd's ``slice:prefix:name`` (the guest
+    has no systemd) as a cgroupfs path, others as they are ("" for the runtime's default)."""
+    cg = str(linux.get("cgroupsPath") or "")
+    if ":" in cg:
+        return "/podshim/" + cg.rsplit(":", 1)[-1]
+    return cg
+
+
+HELD_NAMESPACES = ("ipc", "uts", "pid")
+
+
+def hold_args(spec: Mapping[str, Any], has_stdio: bool) -> dict[str, Any] | None:
+    """The agent's ``hold`` arguments for a CRI sandbox, which the agent holds without a pause
+    container (:mod:`podshim.guest.holder`); None for anything it could not hold faithfully: not
+    a sandbox, stdio to carry, or a namespace beyond those it holds (a user namespace, say)."""
+    ann = spec.get("annotations") or {}
+    if ann.get(oci.CONTAINER_TYPE) != oci.ContainerType.SANDBOX.value or has_stdio:
+        return None
+    linux = spec.get("linux") or {}
+    process = spec.get("process") or {}
+    namespaces = []
+    for ns in linux.get("namespaces") or []:
+        kind = ns.get("type")
+        if kind in ("mount", "cgroup", "network"):
+            continue  # nobody joins the sandbox's mount or cgroup namespace; the VM's network
+        if kind not in HELD_NAMESPACES or ns.get("path"):
+            return None
+        namespaces.append(kind)
+    user = process.get("user") or {}
+    args: dict[str, Any] = {
+        "namespaces": namespaces,
+        "hostname": str(spec.get("hostname") or ""),
+        "sysctl": dict(linux.get("sysctl") or {}),
+        "uid": int(user.get("uid") or 0),
+        "gid": int(user.get("gid") or 0),
+        "cgroups_path": guest_cgroups_path(linux),
+    }
+    if process.get("oomScoreAdj") is not None:
+        args["oom_score_adj"] = int(process["oomScoreAdj"])
+    return args
 
 
 def guest_process(process: dict[str, Any]) -> dict[str, Any]:
