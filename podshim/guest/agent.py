@@ -75,6 +75,7 @@ class Agent(Session, DiagOps):
         self.faults = "podshim.faults=1" in read_text("/proc/cmdline")
         self.set_up = False
         self._setup_lock = threading.Lock()
+        self.spare: holder.Spare | None = None
 
     def admit(self, op: str) -> None:
         if not self.set_up and op not in BEFORE_SETUP:
@@ -146,23 +147,16 @@ class Agent(Session, DiagOps):
                 raise AlreadyExists(f"container {cid} already exists in the VM")
             self._creating.add(cid)
         c = Container(self, cid, "", held=True)
-        r, w = os.pipe()
         try:
-            with REAPER.expecting():  # the holder is an orphan of ours: its exit may come first
-                REAPER.track(lambda: holder.fork(spec, w), _ignore_exit)
-                os.close(w)
-                w = -1
-                pid, error = holder.read_report(r)
-                if error:
-                    if pid:
-                        with contextlib.suppress(OSError):
-                            os.kill(pid, signal.SIGKILL)
-                    raise AgentError(f"cannot hold the sandbox's namespaces: {error}")
-                c.init = Proc(c, "", Stdio(self, {}, cid))
-                c.init.claim(pid)
+            spare, self.spare = self.spare, None
+            if spare is None or not spare.alive:
+                spare = holder.Spare.start()
+            c.init = Proc(c, "", Stdio(self, {}, cid))
+            c.init.pid = spare.pid
+            spare.hold(spec, c.init.exited)
             c.place_in_cgroup(cgroups_path)
         except BaseException:
-            if c.init is not None:
+            if c.init is not None and c.init.pid:
                 with contextlib.suppress(OSError):
                     os.kill(c.init.pid, signal.SIGKILL)
                 c.init.done.wait(HOLDER_EXIT_TIMEOUT)
@@ -170,10 +164,6 @@ class Agent(Session, DiagOps):
             with self._lock:
                 self._creating.discard(cid)
             raise
-        finally:
-            for fd in (r, w):
-                if fd >= 0:
-                    os.close(fd)
         c.watch_oom()
         with self._lock:
             self._creating.discard(cid)
@@ -448,10 +438,6 @@ def _network_messages(req: dict[str, Any]) -> list[tuple[str, bytes]]:
     return netlink.setup_messages(index, mac=mac, mtu=mtu, addresses=addresses, routes=routes, up=bool(net))
 
 
-def _ignore_exit(ex: object) -> None:
-    """The holder's parent exits as soon as it has forked the holder: nothing to report."""
-
-
 def _poweroff() -> None:
     time.sleep(0.05)  # let the response reach the host
     os.sync()
@@ -467,7 +453,9 @@ def main() -> None:
     port = find_port()
     fd = os.open(port, os.O_RDWR | os.O_CLOEXEC)
     log(f"serving on {port}")
-    Agent(Channel(fd)).serve()
+    agent = Agent(Channel(fd))
+    agent.spare = holder.Spare.start()  # before a template is saved: its clones find it ready
+    agent.serve()
 
 
 if __name__ == "__main__":

@@ -41,9 +41,9 @@ class Proc:
 
     def claim(self, pid: int) -> None:
         self.pid = pid
-        REAPER.claim(pid, self._exited)
+        REAPER.claim(pid, self.exited)
 
-    def _exited(self, ex: Exit) -> None:
+    def exited(self, ex: Exit) -> None:
         self.container.agent.process_exited(self, ex.status)
         self.done.set()
 

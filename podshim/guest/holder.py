@@ -21,15 +21,20 @@ before any fork, so that the forked child imports nothing.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import signal
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from podshim.guest import libc
-from podshim.guest.errors import InvalidArgument
+from podshim.guest.errors import AgentError, InvalidArgument
+from podshim.guest.reaper import REAPER
+from podshim.system.children import Exit
 
 # <linux/sched.h>
 CLONE_NEWUTS = 0x04000000
@@ -51,13 +56,6 @@ class HoldSpec:
     uid: int
     gid: int
     oom_score_adj: int | None
-
-    @property
-    def unshare_flags(self) -> int:
-        flags = 0
-        for ns in self.namespaces:
-            flags |= NAMESPACE_FLAGS[ns]
-        return flags
 
 
 def _int(value: Any, what: str, low: int, high: int) -> int:
@@ -101,11 +99,18 @@ def prepare() -> None:
     os.chmod(EMPTY_ROOT, 0o555)
 
 
-def fork(spec: HoldSpec, report: int) -> int:
-    """Fork the holder's parent (in the agent; returns its pid).  It unshares the namespaces and
-    forks the holder, the PID namespace's first process, writes ``pid <n>`` to ``report`` and
-    exits; the holder writes ``ok`` or ``error <why>`` there once it is set up, then closes it.
-    The caller reaps the parent and claims the holder (an orphan the agent, PID 1, inherits)."""
+def fork(orders: int, report: int) -> int:
+    """Fork the holder's parent (in the agent; returns its pid).  It unshares the IPC, UTS and
+    PID namespaces, forks the holder (the PID namespace's first process), writes ``pid <n>`` to
+    ``report`` and exits.  The holder keeps only ``orders`` and ``report`` and waits: when the
+    agent writes a hold request (JSON) to ``orders`` and closes it, the holder sets itself up,
+    writes ``ok`` or ``error <why>`` to ``report``, and closes it.  The caller reaps the parent
+    and claims the holder (an orphan the agent, PID 1, inherits).
+
+    The agent forks one at its start, so a clone of a template finds it ready: forking a python
+    under TCG is a tenth of a second.  All three namespaces are always the holder's own; a pod
+    whose sandbox shares the VM's (hostIPC, hostPID, host network) has workloads that join none
+    of them."""
     pid = os.fork()
     if pid:
         return pid
@@ -113,10 +118,10 @@ def fork(spec: HoldSpec, report: int) -> int:
     # locks, and never back into the agent's code.
     status = 1
     try:
-        libc.unshare(spec.unshare_flags)
+        libc.unshare(CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID)
         holder = os.fork()
         if holder == 0:
-            _hold(spec, report)
+            _hold(orders, report)
         _say(report, f"pid {holder}")
         status = 0
     except OSError as e:
@@ -129,14 +134,28 @@ def _say(fd: int, line: str) -> None:
     os.write(fd, (line + "\n").encode())
 
 
-def _hold(spec: HoldSpec, report: int) -> None:
+def _hold(orders: int, report: int) -> None:
     try:
-        _set_up(spec, report)
+        os.setsid()
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        keep = sorted({0, 1, 2, orders, report})
+        for lo, hi in zip(keep, [*keep[1:], 1 << 20], strict=True):
+            os.closerange(lo + 1, hi)
+        chunks = []
+        while chunk := os.read(orders, 65536):
+            chunks.append(chunk)
+        os.close(orders)
+        if not chunks:
+            os._exit(0)  # the agent let it go unused
+        _set_up(parse(json.loads(b"".join(chunks))))
     except BaseException as e:  # reported, and this process ends either way
         try:
             _say(report, f"error {type(e).__name__}: {e}")
         finally:
             os._exit(1)
+    _say(report, "ok")
     os.close(report)
     try:
         _wait()
@@ -144,18 +163,11 @@ def _hold(spec: HoldSpec, report: int) -> None:
         os._exit(0)
 
 
-def _set_up(spec: HoldSpec, report: int) -> None:
-    os.setsid()
-    null = os.open("/dev/null", os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    keep = sorted({0, 1, 2, report})
-    for lo, hi in zip(keep, [*keep[1:], 1 << 20], strict=True):
-        os.closerange(lo + 1, hi)
+def _set_up(spec: HoldSpec) -> None:
     for key, value in spec.sysctl:
         with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
             f.write(value)
-    if spec.hostname and "uts" in spec.namespaces:
+    if spec.hostname:
         socket.sethostname(spec.hostname)
     if spec.oom_score_adj is not None:
         with open("/proc/self/oom_score_adj", "w") as f:
@@ -172,7 +184,20 @@ def _set_up(spec: HoldSpec, report: int) -> None:
     for sig in WAITED:
         signal.signal(sig, _ignore)
     signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
-    _say(report, "ok")
+
+
+def order(spec: HoldSpec) -> bytes:
+    """What the agent writes to a holder's ``orders``: the request :func:`parse` reads back."""
+    return json.dumps(
+        {
+            "namespaces": list(spec.namespaces),
+            "hostname": spec.hostname,
+            "sysctl": dict(spec.sysctl),
+            "uid": spec.uid,
+            "gid": spec.gid,
+            "oom_score_adj": spec.oom_score_adj,
+        }
+    ).encode()
 
 
 def _ignore(signum: int, frame: object) -> None:
@@ -198,18 +223,107 @@ def _wait() -> None:
                 break
 
 
-def read_report(fd: int) -> tuple[int, str]:
-    """What the holder's parent and the holder wrote: its pid (0 if none) and the error, if any."""
+def read_pid(fd: int) -> int:
+    """The holder's pid, from the first line its parent writes to ``report`` (OSError if none)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        line += chunk
+    kind, _, rest = line.decode(errors="replace").strip().partition(" ")
+    if kind != "pid" or not rest.isdigit():
+        why = line.decode(errors="replace").strip() or "its parent died"
+        raise OSError(errno.ECHILD, f"no holder: {why}")
+    return int(rest)
+
+
+def read_outcome(fd: int) -> str:
+    """The holder's report once it had its orders: "" when it is set up, else why not."""
     chunks = []
     while chunk := os.read(fd, 4096):
         chunks.append(chunk)
-    pid, error = 0, ""
-    for line in b"".join(chunks).decode(errors="replace").splitlines():
-        kind, _, rest = line.partition(" ")
-        if kind == "pid" and rest.isdigit():
-            pid = int(rest)
-        elif kind == "error":
-            error = error or rest
-    if not pid and not error:
-        error = "the holder's parent died before it forked"
-    return pid, error
+    text = b"".join(chunks).decode(errors="replace").strip()
+    if text == "ok":
+        return ""
+    return text.removeprefix("error ") or "the holder died before it was set up"
+
+
+class Spare:
+    """A holder forked ahead of its pod, waiting for its orders (:func:`fork`)."""
+
+    def __init__(self, pid: int, orders: int, report: int) -> None:
+        self.pid = pid
+        self._orders = orders
+        self._report = report
+        self._lock = threading.Lock()
+        self._exit: Exit | None = None
+        self._on_exit: Callable[[Exit], None] | None = None
+
+    @classmethod
+    def start(cls) -> Spare:
+        orders_r, orders_w = os.pipe()
+        report_r, report_w = os.pipe()
+        try:
+            with REAPER.expecting():  # the holder is an orphan of ours: its exit may come first
+                REAPER.track(lambda: fork(orders_r, report_w), _parent_exited)
+                os.close(report_w)
+                report_w = -1
+                pid = read_pid(report_r)
+                spare = cls(pid, orders_w, report_r)
+                REAPER.claim(pid, spare._exited)
+        except BaseException:
+            for fd in (orders_w, report_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(orders_r)
+            if report_w >= 0:
+                os.close(report_w)
+        return spare
+
+    def _exited(self, ex: Exit) -> None:
+        with self._lock:
+            target = self._on_exit
+            if target is None:
+                self._exit = ex
+                return
+        target(ex)
+
+    @property
+    def alive(self) -> bool:
+        with self._lock:
+            return self._exit is None
+
+    def hold(self, spec: HoldSpec, on_exit: Callable[[Exit], None]) -> None:
+        """Give the holder its orders; from now on its exit goes to ``on_exit``.  AgentError if
+        it could not set itself up (it is then gone, its exit delivered)."""
+        with self._lock:
+            early, self._on_exit = self._exit, on_exit
+        if early is not None:
+            on_exit(early)
+        try:
+            try:
+                view = memoryview(order(spec))
+                while view:
+                    view = view[os.write(self._orders, view) :]
+            except BrokenPipeError:
+                pass  # it died: its report says so
+            os.close(self._orders)
+            self._orders = -1
+            error = read_outcome(self._report)
+        finally:
+            self.close()
+        if error:
+            raise AgentError(f"cannot hold the sandbox's namespaces: {error}")
+
+    def close(self) -> None:
+        """Let it go (unused, it exits when its orders pipe closes with nothing in it)."""
+        for fd in (self._orders, self._report):
+            if fd >= 0:
+                os.close(fd)
+        self._orders = self._report = -1
+
+
+def _parent_exited(ex: Exit) -> None:
+    """The holder's parent exits as soon as it has forked the holder: nothing to report."""

@@ -1,6 +1,7 @@
 """The VM pod's sandbox holder (:mod:`podshim.guest.holder`), run for real on the host: a small
-driver stands in for the agent (a child subreaper, so the holder is its orphan as it is the
-agent's), forks the holder with the agent's code and reports what the holder became."""
+driver stands in for the agent (a child subreaper with the agent's reaper, so the holder is its
+orphan as it is the agent's), forks a spare holder, gives it its orders and reports what the
+holder became."""
 
 from __future__ import annotations
 
@@ -17,19 +18,31 @@ from podshim.guest import holder
 from podshim.guest.errors import InvalidArgument
 
 DRIVER = r"""
-import ctypes, json, os, signal, subprocess, sys
+import ctypes, json, os, subprocess, sys, threading
 from podshim.guest import holder
+from podshim.guest.errors import AgentError
+from podshim.guest.reaper import REAPER
 ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+REAPER.start()
 holder.EMPTY_ROOT = sys.argv[1]
 holder.prepare()
-spec = holder.parse(json.loads(sys.argv[2]))
-r, w = os.pipe()
-parent = holder.fork(spec, w)
-os.close(w)
-pid, error = holder.read_report(r)
-os.waitpid(parent, 0)
-out = {"pid": pid, "error": error}
-if pid and not error:
+spare = holder.Spare.start()
+out = {"pid": spare.pid, "error": ""}
+exits = []
+gone = threading.Event()
+def exited(ex):
+    exits.append(ex.status)
+    gone.set()
+if len(sys.argv) > 4:  # the spare dies before its pod comes
+    os.kill(spare.pid, 9)
+    while spare.alive:
+        threading.Event().wait(0.01)
+try:
+    spare.hold(holder.parse(json.loads(sys.argv[2])), exited)
+except AgentError as e:
+    out["error"] = str(e)
+if not out["error"]:
+    pid = spare.pid
     out["status"] = open(f"/proc/{pid}/status").read()
     out["root"] = os.listdir(f"/proc/{pid}/root")
     out["fds"] = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
@@ -41,19 +54,16 @@ if pid and not error:
     out["hostname"] = run("uts", "hostname")
     out["msgmax"] = run("ipc", "cat", "/proc/sys/kernel/msgmax")
     os.kill(pid, int(sys.argv[3]))
-    _, status = os.waitpid(pid, 0)
-    out["exit"] = status
-elif pid:
-    os.waitpid(pid, 0)  # the holder that failed its set-up is gone, not left running
-    out["reaped"] = True
+gone.wait(10)
+out["exits"] = exits
 print(json.dumps(out))
 """
 
 
-def _drive(tmp_path: Path, req: dict[str, Any], signal: int = 15) -> dict[str, Any]:
-    root = tmp_path / "empty"
+def _drive(tmp_path: Path, req: dict[str, Any], signal: int = 15, spare_dies: bool = False) -> dict[str, Any]:
+    argv = [sys.executable, "-c", DRIVER, str(tmp_path / "empty"), json.dumps(req), str(signal)]
     res = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(root), json.dumps(req), str(signal)],
+        argv + (["dies"] if spare_dies else []),
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
@@ -89,7 +99,7 @@ def test_the_holder_holds_the_namespaces_and_gives_up_everything(tmp_path: Path)
     assert out["oom_score_adj"] == "500"
     assert out["hostname"] == "web-0"
     assert out["msgmax"] == "4242"  # set in the pod's IPC namespace only
-    assert out["exit"] == 0  # SIGTERM ends it as it ends pause
+    assert out["exits"] == [0]  # SIGTERM ends it as it ends pause
     assert Path("/proc/sys/kernel/msgmax").read_text().strip() != "4242"
     assert (tmp_path / "empty").stat().st_mode & 0o777 == 0o555
 
@@ -97,13 +107,19 @@ def test_the_holder_holds_the_namespaces_and_gives_up_everything(tmp_path: Path)
 @pytest.mark.skipif(os.geteuid() != 0, reason="unshare and setuid need root")
 def test_sigkill_ends_the_holder(tmp_path: Path) -> None:
     out = _drive(tmp_path, {"namespaces": ["pid"]}, signal=9)
-    assert out["error"] == "" and os.WIFSIGNALED(out["exit"]) and os.WTERMSIG(out["exit"]) == 9
+    assert out["error"] == "" and out["exits"] == [128 + 9]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="unshare and setuid need root")
 def test_a_holder_that_cannot_set_up_reports_why_and_is_gone(tmp_path: Path) -> None:
     out = _drive(tmp_path, {"namespaces": ["ipc"], "sysctl": {"kernel.no_such_sysctl": "1"}})
-    assert "no_such_sysctl" in out["error"] and out["pid"] > 0 and out["reaped"]
+    assert "no_such_sysctl" in out["error"] and out["exits"] == [1]  # gone, its exit delivered
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare and setuid need root")
+def test_a_spare_that_died_before_its_pod_is_reported_not_waited_for(tmp_path: Path) -> None:
+    out = _drive(tmp_path, {"namespaces": ["pid"]}, spare_dies=True)
+    assert "died before it was set up" in out["error"] and out["exits"] == [128 + 9]
 
 
 @pytest.mark.parametrize(
