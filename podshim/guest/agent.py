@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 from podshim.guest import holder, libc, netlink
+from podshim.guest import runc as runtime
 from podshim.guest.channel import Channel, find_port
 from podshim.guest.containers import Container, Proc, vm_stats
 from podshim.guest.diag import DiagOps
@@ -173,7 +174,7 @@ class Agent(Session, DiagOps):
     def op_start(self, req: dict[str, Any]) -> dict[str, Any]:
         c = self._container(str(req["id"]))
         if not c.held:  # a holder runs from its creation: nothing waits for a start
-            runc(c.id, "start", c.id)
+            runtime.start(c.id)
         assert c.init is not None
         return {"pid": c.init.pid}
 

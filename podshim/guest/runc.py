@@ -61,6 +61,31 @@ def seal_runtime() -> str:
     return _runtime
 
 
+def start(cid: str) -> None:
+    """Start a created container.  For crun this is what ``crun start`` does, done here: open the
+    container's ``exec.fifo`` for writing, unlink it (which makes the state "running") and write
+    one byte, on which the container's init, blocked reading it since create, goes on to exec
+    the process.  Under TCG that spares a crun process (0.1-0.2 s on a clone's cold translation
+    cache).  runc's fifo works the other way round, so runc (and a fifo not where crun keeps it)
+    get the command."""
+    fifo = os.path.join(RUNC_ROOT, cid, "exec.fifo")
+    if not RUNC.endswith("/crun") or not os.path.exists(fifo):
+        runc(cid, "start", cid)
+        return
+    try:
+        # Non-blocking: with the init gone nobody holds the read end, and open would wait forever.
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise RuncError(f"OCI runtime start failed: the container's init is gone ({e.strerror})") from e
+    try:
+        os.unlink(fifo)
+        os.write(fd, b"\0")
+    except OSError as e:
+        raise RuncError(f"OCI runtime start failed: {e}") from e
+    finally:
+        os.close(fd)
+
+
 def command(cid: str) -> RuncCommand:
     return RuncCommand(_runtime, RUNC_ROOT, os.path.join(STATE, f"{cid}.runc.log"))
 
