@@ -47,6 +47,7 @@ class VMSettings:
     max_memory_mib: int = 0  # what pod annotations may ask for; 0: no more than memory_mib / vcpus
     max_vcpus: int = 0
     template: bool = True  # clone pod VMs from a template of their shape; False: boot cold
+    tcg_tb_size_mib: int = 0  # qemu's translation cache under TCG; 0: qemu.TCG_TB_SIZE_MIB
 
 
 @dataclass

@@ -38,7 +38,7 @@ class HostOptions(_message.Message):
     def __init__(self, allowed_rootfs_locations: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VMOptions(_message.Message):
-    __slots__ = ("memory_mib", "vcpus", "kernel_path", "initrd_path", "max_memory_mib", "max_vcpus", "template")
+    __slots__ = ("memory_mib", "vcpus", "kernel_path", "initrd_path", "max_memory_mib", "max_vcpus", "template", "tcg_tb_size_mib")
     MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
     VCPUS_FIELD_NUMBER: _ClassVar[int]
     KERNEL_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class VMOptions(_message.Message):
     MAX_MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
     MAX_VCPUS_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    TCG_TB_SIZE_MIB_FIELD_NUMBER: _ClassVar[int]
     memory_mib: int
     vcpus: int
     kernel_path: str
@@ -53,4 +54,5 @@ class VMOptions(_message.Message):
     max_memory_mib: int
     max_vcpus: int
     template: bool
-    def __init__(self, memory_mib: _Optional[int] = ..., vcpus: _Optional[int] = ..., kernel_path: _Optional[str] = ..., initrd_path: _Optional[str] = ..., max_memory_mib: _Optional[int] = ..., max_vcpus: _Optional[int] = ..., template: bool = ...) -> None: ...
+    tcg_tb_size_mib: int
+    def __init__(self, memory_mib: _Optional[int] = ..., vcpus: _Optional[int] = ..., kernel_path: _Optional[str] = ..., initrd_path: _Optional[str] = ..., max_memory_mib: _Optional[int] = ..., max_vcpus: _Optional[int] = ..., template: bool = ..., tcg_tb_size_mib: _Optional[int] = ...) -> None: ...

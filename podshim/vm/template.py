@@ -71,6 +71,7 @@ class Shape:
     kernel: str
     initrd: str
     faults: bool = False
+    tb_size_mib: int = 0  # qemu's translation cache under TCG (0: qemu's default here)
 
     def config(
         self,
@@ -89,6 +90,7 @@ class Shape:
             vcpus=self.vcpus,
             kernel=self.kernel,
             initrd=self.initrd,
+            tb_size_mib=self.tb_size_mib,
             run_dir=run_dir,
             netns=netns,
             tap=tap,

@@ -131,6 +131,19 @@ CRI_LIKE: dict[str, Any] = {
 }
 
 
+def test_tcg_translation_cache_size(kernel: tuple[str, str], tmp_path: Path) -> None:
+    k, i = kernel
+    params = vmspec.resolve_params(VMSettings(kernel_path=k, initrd_path=i, tcg_tb_size_mib=32), {})
+    assert params.tb_size_mib == 32
+    for bad in (4, 4096):
+        with pytest.raises(errdefs.InvalidArgument, match="tcg_tb_size_mib"):
+            vmspec.resolve_params(VMSettings(kernel_path=k, initrd_path=i, tcg_tb_size_mib=bad), {})
+    cfg = qemu.VMConfig("p", 256, 1, k, i, str(tmp_path), tb_size_mib=32)
+    assert "tcg,tb-size=32" in qemu.qemu_argv(cfg, qemu.Accel("tcg", "test"), 0)
+    default = qemu.VMConfig("p", 256, 1, k, i, str(tmp_path))
+    assert f"tcg,tb-size={qemu.TCG_TB_SIZE_MIB}" in qemu.qemu_argv(default, qemu.Accel("tcg", "test"), 0)
+
+
 def test_guest_spec() -> None:
     out, binds = vmspec.guest_spec(CRI_LIKE, "/run/podshim/shared/c1", is_dir=lambda p: p == "/srv/data")
     assert out["root"]["path"] == "rootfs"
@@ -201,7 +214,8 @@ def test_qemu_argv(tmp_path: Path) -> None:
     cfg = qemu.VMConfig(name="p", memory_mib=256, vcpus=2, kernel="/k", initrd="/i", run_dir=str(tmp_path))
     tcg = qemu.qemu_argv(cfg, qemu.Accel("tcg", ""), 2596124)
     joined = " ".join(tcg)
-    assert "-accel tcg,tb-size=32" in joined and "-m 256M" in joined and "-smp 2" in joined
+    assert f"-accel tcg,tb-size={qemu.TCG_TB_SIZE_MIB}" in joined
+    assert "-m 256M" in joined and "-smp 2" in joined
     assert "tsc_early_khz=2596124" in joined and "mitigations=off" in joined
     assert f"rdinit={vmlayer.INIT}" in joined
     assert f"path={cfg.agent_socket}" in joined and "-no-reboot" in tcg

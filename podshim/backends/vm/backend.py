@@ -441,6 +441,7 @@ class VMBackend(Backend):
             kernel=self.params.kernel,
             initrd=self.params.initrd,
             faults=os.environ.get(FAULTS_ENV) == "1",
+            tb_size_mib=self.params.tb_size_mib,
         )
         self.hostname = str(owner.spec.get("hostname") or "") or self.pod_id[:63]
         t0 = time.monotonic()

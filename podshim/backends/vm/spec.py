@@ -38,6 +38,8 @@ ANN_VCPUS = "podshim.io/vm.vcpus"
 MIN_MEMORY_MIB = 128  # Debian's kernel alone takes about 60 MiB of it
 DEFAULT_MEMORY_MIB = 256
 DEFAULT_VCPUS = 1
+MIN_TB_SIZE_MIB = 8
+MAX_TB_SIZE_MIB = 1024
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class VMParams:
     kernel: str
     initrd: str
     template: bool = True  # clone from the shape's template; False: always boot cold
+    tb_size_mib: int = 0  # qemu's translation cache under TCG; 0: the default
 
 
 def _annotation_int(annotations: Mapping[str, str], key: str) -> int | None:
@@ -103,7 +106,12 @@ def resolve_params(
     for what, path in (("kernel", kernel), ("initramfs", initrd)):
         if not os.path.isfile(path):
             raise errdefs.InvalidArgument(f"VM {what} {path} does not exist")
-    return VMParams(memory, vcpus, kernel, initrd, bool(getattr(vm, "template", True)))
+    tb_size = int(getattr(vm, "tcg_tb_size_mib", 0) or 0)
+    if tb_size and not MIN_TB_SIZE_MIB <= tb_size <= MAX_TB_SIZE_MIB:
+        raise errdefs.InvalidArgument(
+            f"vm.tcg_tb_size_mib {tb_size} is outside [{MIN_TB_SIZE_MIB}, {MAX_TB_SIZE_MIB}] ({source})"
+        )
+    return VMParams(memory, vcpus, kernel, initrd, bool(getattr(vm, "template", True)), tb_size)
 
 
 # -- the guest's spec -----------------------------------------------------------------------------
