@@ -187,9 +187,19 @@ def test_vm_pod_sandbox_is_held_by_the_agent_not_a_pause_container(
     ps = cri.exec_sync(a, ["ps", "-o", "pid,stat,comm"]).stdout
     assert not [line for line in ps.splitlines()[1:] if line.split()[1].startswith("Z")], ps
 
+    # The sandbox task: metrics and pids from the holder's cgroup, pause and resume by freezing
+    # it; exec into it is refused (nothing runs there), and the pod goes on serving.
     ctr = Ctr(cri_containerd.address, "k8s.io", timeout=60.0)
     metrics = ctr.check("task", "metrics", pod.id)
     assert "pids.current" in metrics or "pids" in metrics.lower(), metrics
+    assert str(sandbox_pid) in ctr.check("task", "ps", pod.id).split()
+    ctr.check("task", "pause", pod.id)
+    assert ctr.task_status(pod.id) == "PAUSED"
+    ctr.check("task", "resume", pod.id)
+    assert ctr.task_status(pod.id) == "RUNNING"
+    refused = ctr.run("task", "exec", "--exec-id", "peek", pod.id, "true")
+    assert refused.rc != 0 and "failed precondition" in refused.stderr.lower(), refused
+    assert cri.exec_sync(a, ["echo", "still"]).stdout == "still\n"
 
     cri.stop_pod(pod.id)
     assert cri.pod_status(pod.id)[0].state == NOTREADY
