@@ -105,12 +105,29 @@ class Agent(Session, DiagOps):
     def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid()}
 
-    def op_create(self, req: dict[str, Any]) -> dict[str, Any]:
-        cid, bundle = str(req["id"]), str(req["bundle"])
+    def _reserve(self, cid: str) -> None:
+        """Claim ``cid`` for a container being made (AlreadyExists if taken); :meth:`_admit` or
+        :meth:`_release_id` ends the claim."""
         with self._lock:
             if cid in self.containers or cid in self._creating:
                 raise AlreadyExists(f"container {cid} already exists in the VM")
             self._creating.add(cid)
+
+    def _release_id(self, cid: str) -> None:
+        with self._lock:
+            self._creating.discard(cid)
+
+    def _admit(self, c: Container) -> dict[str, Any]:
+        c.watch_oom()
+        with self._lock:
+            self._creating.discard(c.id)
+            self.containers[c.id] = c
+        assert c.init is not None
+        return {"pid": c.init.pid}
+
+    def op_create(self, req: dict[str, Any]) -> dict[str, Any]:
+        cid, bundle = str(req["id"]), str(req["bundle"])
+        self._reserve(cid)
         c = Container(self, cid, bundle)
         stdio = Stdio(self, req.get("stdio") or {}, cid)
         pid_file = os.path.join(STATE, f"{cid}.pid")
@@ -127,15 +144,10 @@ class Agent(Session, DiagOps):
             stdio.close()
             with contextlib.suppress(AgentError):
                 runc(cid, *cmd.delete_args(cid, force=True))
-            with self._lock:
-                self._creating.discard(cid)
+            self._release_id(cid)
             raise
         c.find_cgroup()
-        c.watch_oom()
-        with self._lock:
-            self._creating.discard(cid)
-            self.containers[cid] = c
-        return {"pid": c.init.pid}
+        return self._admit(c)
 
     def op_hold(self, req: dict[str, Any]) -> dict[str, Any]:
         """Create the pod's sandbox as namespaces held by the agent (:mod:`.holder`), not as a
@@ -143,10 +155,7 @@ class Agent(Session, DiagOps):
         cid = str(req["id"])
         spec = holder.parse(req)
         cgroups_path = str(req.get("cgroups_path") or f"/podshim/{cid}")
-        with self._lock:
-            if cid in self.containers or cid in self._creating:
-                raise AlreadyExists(f"container {cid} already exists in the VM")
-            self._creating.add(cid)
+        self._reserve(cid)
         c = Container(self, cid, "", held=True)
         try:
             spare, self.spare = self.spare, None
@@ -162,14 +171,9 @@ class Agent(Session, DiagOps):
                     os.kill(c.init.pid, signal.SIGKILL)
                 c.init.done.wait(HOLDER_EXIT_TIMEOUT)
                 c.remove_cgroup()
-            with self._lock:
-                self._creating.discard(cid)
+            self._release_id(cid)
             raise
-        c.watch_oom()
-        with self._lock:
-            self._creating.discard(cid)
-            self.containers[cid] = c
-        return {"pid": c.init.pid}
+        return self._admit(c)
 
     def op_start(self, req: dict[str, Any]) -> dict[str, Any]:
         c = self._container(str(req["id"]))

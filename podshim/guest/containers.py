@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from podshim.guest.errors import FailedPrecondition, InvalidArgument
 from podshim.guest.reaper import REAPER
 from podshim.guest.stdio import Stdio
+from podshim.system import cgroupfs
 from podshim.system.cgroupfs import CGROUP_ROOT, Cgroup, OOMWatch, read_keyed
 from podshim.system.children import Exit
 from podshim.system.fds import close_fds
@@ -71,28 +72,17 @@ class Container:
         """Put the holder in ``path`` (the sandbox's cgroups path, below the guest's root), with
         the controllers its stats read enabled on the way, as the runtime does for a container."""
         assert self.init is not None
-        rel = os.path.normpath("/" + path).lstrip("/")
-        if not rel or ".." in path.split("/"):
+        if not os.path.normpath("/" + path).strip("/") or ".." in path.split("/"):
             raise InvalidArgument(f"bad cgroups path {path!r}")
-        d = CGROUP_ROOT
-        with open(os.path.join(d, "cgroup.controllers")) as f:
-            wanted = [c for c in f.read().split() if c in HELD_CONTROLLERS]
-        for part in rel.split("/"):
-            # What the kernel refuses, the stats leave out.
-            with contextlib.suppress(OSError), open(os.path.join(d, "cgroup.subtree_control"), "w") as f:
-                f.write(" ".join(f"+{c}" for c in wanted))
-            d = os.path.join(d, part)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(d)
-        with open(os.path.join(d, "cgroup.procs"), "w") as f:
-            f.write(str(self.init.pid))
-        self.cgroup = Cgroup({}, d)
+        cg = cgroupfs.cgroup_at(path)
+        cgroupfs.create(cg, HELD_CONTROLLERS)
+        cgroupfs.join(cg, self.init.pid)
+        self.cgroup = cg
 
     def freeze(self, frozen: bool) -> None:
-        if self.cgroup is None or self.cgroup.v2 is None:
+        if self.cgroup is None:
             raise FailedPrecondition(f"{self.id} has no cgroup to freeze")
-        with open(os.path.join(self.cgroup.v2, "cgroup.freeze"), "w") as f:
-            f.write("1" if frozen else "0")
+        cgroupfs.freeze(self.cgroup, frozen)
 
     def remove_cgroup(self) -> None:
         if self.cgroup is not None and self.cgroup.v2 is not None:

@@ -65,7 +65,9 @@ def _int(value: Any, what: str, low: int, high: int) -> int:
 
 
 def parse(req: dict[str, Any]) -> HoldSpec:
-    """The ``hold`` request's arguments, checked (the host builds them from the sandbox's spec)."""
+    """The ``hold`` request's arguments, checked (the host builds them from the sandbox's spec).
+    The holder always keeps all three namespaces; ``namespaces`` names those the sandbox asks
+    for, and anything else in it (a user namespace) is refused rather than silently not held."""
     namespaces = req.get("namespaces") or []
     if not isinstance(namespaces, list) or any(ns not in NAMESPACE_FLAGS for ns in namespaces):
         raise InvalidArgument(f"hold: namespaces must be among {sorted(NAMESPACE_FLAGS)}, not {namespaces!r}")

@@ -16,7 +16,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h>, <linux/if_addr.h>
@@ -139,18 +139,19 @@ def setup_messages(
 ) -> list[tuple[str, bytes]]:
     """What ``setup`` sends, in order, each with what it does (for the error): the MAC while
     the link is down, then MTU and up, addresses, on-link routes before those through gateways."""
-    steps: list[tuple[str, Callable[[int], bytes]]] = []
+    out: list[tuple[str, bytes]] = []  # sequence numbers count from 1
     if mac:
-        steps.append((f"link address {mac}", lambda s: set_link(s, index, up=False, mac=mac)))
-    if up:
-        steps.append((f"link up mtu {mtu}", lambda s: set_link(s, index, up=True, mtu=mtu)))
-        for a in addresses:
-            steps.append((f"addr add {a.address}/{a.prefixlen}", lambda s, a=a: add_address(s, index, a)))  # type: ignore[misc]
-        for r in sorted(routes, key=lambda r: bool(r.gateway)):
-            dst = f"{r.dst}/{r.dst_len}" if r.dst else "default"
-            via = f" via {r.gateway}" if r.gateway else ""
-            steps.append((f"route replace {dst}{via}", lambda s, r=r: replace_route(s, index, r)))  # type: ignore[misc]
-    return [(what, build(seq)) for seq, (what, build) in enumerate(steps, 1)]
+        out.append((f"link address {mac}", set_link(len(out) + 1, index, up=False, mac=mac)))
+    if not up:
+        return out
+    out.append((f"link up mtu {mtu}", set_link(len(out) + 1, index, up=True, mtu=mtu)))
+    for a in addresses:
+        out.append((f"addr add {a.address}/{a.prefixlen}", add_address(len(out) + 1, index, a)))
+    for r in sorted(routes, key=lambda r: bool(r.gateway)):
+        dst = f"{r.dst}/{r.dst_len}" if r.dst else "default"
+        via = f" via {r.gateway}" if r.gateway else ""
+        out.append((f"route replace {dst}{via}", replace_route(len(out) + 1, index, r)))
+    return out
 
 
 def apply(messages: list[tuple[str, bytes]]) -> None:
@@ -160,11 +161,11 @@ def apply(messages: list[tuple[str, bytes]]) -> None:
     with socket.socket(socket.AF_NETLINK, kind, socket.NETLINK_ROUTE) as sock:
         sock.bind((0, 0))
         for what, msg in messages:
-            seq = _HEADER.unpack_from(msg)[3]
+            _len, kind, _flags, seq, _pid = _HEADER.unpack_from(msg)
             sock.send(msg)
             while (code := ack_error(sock.recv(65536), seq)) is None:
                 pass
-            if code == errno.EEXIST and what.startswith("addr add"):
+            if code == errno.EEXIST and kind == RTM_NEWADDR:
                 continue  # already there (a set-up retried): as wanted
             if code:
                 raise NetlinkError(code, f"{what}: {os.strerror(code)}")

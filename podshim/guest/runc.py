@@ -47,7 +47,7 @@ def sealed_copy(path: str) -> int:
     return fd
 
 
-def seal_runtime() -> str:
+def seal_runtime() -> None:
     """Run the runtime from now on from a sealed copy held by this process (path through
     ``/proc/<agent>/fd``, which a spawned child resolves without inheriting the fd); on any
     failure the binary itself, as before."""
@@ -56,9 +56,8 @@ def seal_runtime() -> str:
         fd = sealed_copy(RUNC)
     except OSError as e:
         log(f"running {RUNC} unsealed (it re-executes itself at every call): {e}")
-        return _runtime
+        return
     _runtime = f"/proc/{os.getpid()}/fd/{fd}"
-    return _runtime
 
 
 def start(cid: str) -> None:
@@ -68,13 +67,16 @@ def start(cid: str) -> None:
     the process.  Under TCG that spares a crun process (0.1-0.2 s on a clone's cold translation
     cache).  runc's fifo works the other way round, so runc (and a fifo not where crun keeps it)
     get the command."""
-    fifo = os.path.join(RUNC_ROOT, cid, "exec.fifo")
-    if not RUNC.endswith("/crun") or not os.path.exists(fifo):
+    if not RUNC.endswith("/crun"):
         runc(cid, "start", cid)
         return
+    fifo = os.path.join(RUNC_ROOT, cid, "exec.fifo")
     try:
         # Non-blocking: with the init gone nobody holds the read end, and open would wait forever.
         fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        runc(cid, "start", cid)
+        return
     except OSError as e:
         raise RuncError(f"OCI runtime start failed: the container's init is gone ({e.strerror})") from e
     try:

@@ -1,7 +1,8 @@
-"""Reading cgroups, shared by the shim and the guest agent (standard library only): where a
-process's cgroup is, its metrics as containerd's cgroups Metrics fields (spec §5.6), and its
-OOM kills (spec §5.5) as an fd to poll, so the shim's event loop and the agent's thread watch
-them alike.
+"""Cgroups, shared by the shim and the guest agent (standard library only): where a process's
+cgroup is, its metrics as containerd's cgroups Metrics fields (spec §5.6), its OOM kills (spec
+§5.5) as an fd to poll, so the shim's event loop and the agent's thread watch them alike, and
+the few writes that make, join and freeze a cgroup of one's own (the shim's host-process
+containers, the agent's sandbox holder).
 
 On a hybrid host (cgroup v1 controllers beside an empty v2 tree, like this machine kind) the
 v1 controllers are authoritative.  A pure v2 host (and the guest) has ``cgroup.controllers``
@@ -74,6 +75,65 @@ class Cgroup(NamedTuple):
 
 UNLIMITED = 2**64 - 1
 """What containerd's cgroups v2 reader reports for a v2 limit of "max"."""
+
+
+# -- cgroups made by podshim itself ---------------------------------------------------------------
+
+_V1_OWN = ("memory", "cpu", "cpuacct", "pids", "freezer", "blkio")
+
+
+def cgroup_at(path: str) -> Cgroup:
+    """The directories of cgroup ``path`` (cgroupfs form, e.g. ``/k8s.io/<id>``) on this host."""
+    rel = path.strip("/")
+    if unified_host():
+        return Cgroup({}, os.path.join(CGROUP_ROOT, rel))
+    v1 = {
+        c: os.path.join(CGROUP_ROOT, c, rel) for c in _V1_OWN if os.path.isdir(os.path.join(CGROUP_ROOT, c))
+    }
+    return Cgroup(v1, None)
+
+
+def dirs(cg: Cgroup) -> list[str]:
+    return [cg.v2] if cg.v2 else list(cg.v1.values())
+
+
+def write(path: str, value: object) -> None:
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+def create(cg: Cgroup, controllers: tuple[str, ...] = ()) -> None:
+    """Make the cgroup's directories.  On v2, with ``controllers``: enable those the root offers
+    in each parent's ``cgroup.subtree_control`` on the way down, as a runtime does for a
+    container (what the kernel refuses, the cgroup goes without)."""
+    if cg.v2 is None or not controllers:
+        for d in dirs(cg):
+            os.makedirs(d, exist_ok=True)
+        return
+    offered = read_text(os.path.join(CGROUP_ROOT, "cgroup.controllers")).split()
+    enable = " ".join(f"+{c}" for c in controllers if c in offered)
+    d = CGROUP_ROOT
+    for part in os.path.relpath(cg.v2, CGROUP_ROOT).split("/"):
+        with contextlib.suppress(OSError):
+            write(os.path.join(d, "cgroup.subtree_control"), enable)
+        d = os.path.join(d, part)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d)
+
+
+def join(cg: Cgroup, pid: int = 0) -> None:
+    """Move pid (0: the caller) into every directory of the cgroup."""
+    for d in dirs(cg):
+        write(os.path.join(d, "cgroup.procs"), pid)
+
+
+def freeze(cg: Cgroup, frozen: bool) -> None:
+    if cg.v2:
+        write(f"{cg.v2}/cgroup.freeze", 1 if frozen else 0)
+    elif fd := cg.v1.get("freezer"):
+        write(f"{fd}/freezer.state", "FROZEN" if frozen else "THAWED")
+    else:
+        raise OSError("no freezer cgroup: cannot pause")
 
 
 def _int(path: str, unlimited: int = 0) -> int:

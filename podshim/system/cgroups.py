@@ -16,9 +16,15 @@ from podshim import errdefs
 from podshim.system.cgroupfs import CGROUP_ROOT as CGROUP_ROOT
 from podshim.system.cgroupfs import Cgroup as Cgroup
 from podshim.system.cgroupfs import OOMWatch
+from podshim.system.cgroupfs import cgroup_at as cgroup_at
+from podshim.system.cgroupfs import create as create
+from podshim.system.cgroupfs import dirs as _dirs
+from podshim.system.cgroupfs import freeze as freeze
+from podshim.system.cgroupfs import join as join
 from podshim.system.cgroupfs import unified_host as unified_host
 from podshim.system.cgroupfs import v1_metrics as v1_metrics
 from podshim.system.cgroupfs import v2_metrics as v2_metrics
+from podshim.system.cgroupfs import write as _write
 from podshim.system.fds import read_text
 
 V1_METRICS_URL = "io.containerd.cgroups.v1.Metrics"
@@ -82,42 +88,8 @@ class OOMWatcher:
             self.remove(cid)
 
 
-# -- cgroups the shim makes itself (host-process containers) ----------------------------------
-
-_V1_OWN = ("memory", "cpu", "cpuacct", "pids", "freezer", "blkio")
-
-
-def cgroup_at(path: str) -> Cgroup:
-    """The directories of cgroup ``path`` (cgroupfs form, e.g. ``/k8s.io/<id>``) on this host."""
-    rel = path.strip("/")
-    if unified_host():
-        return Cgroup({}, os.path.join(CGROUP_ROOT, rel))
-    v1 = {
-        c: os.path.join(CGROUP_ROOT, c, rel) for c in _V1_OWN if os.path.isdir(os.path.join(CGROUP_ROOT, c))
-    }
-    return Cgroup(v1, None)
-
-
-def _dirs(cg: Cgroup) -> list[str]:
-    return [cg.v2] if cg.v2 else list(cg.v1.values())
-
-
-def create(cg: Cgroup) -> None:
-    for d in _dirs(cg):
-        os.makedirs(d, exist_ok=True)
-
-
-def join(cg: Cgroup, pid: int = 0) -> None:
-    """Move pid (0: the caller) into every directory of the cgroup."""
-    for d in _dirs(cg):
-        with open(os.path.join(d, "cgroup.procs"), "w") as f:
-            f.write(str(pid))
-
-
-def _write(path: str, value: object) -> None:
-    with open(path, "w") as f:
-        f.write(str(value))
-
+# -- cgroups the shim makes itself (host-process containers; cgroup_at, create, join and
+# freeze are cgroupfs's, shared with the guest agent) ------------------------------------------
 
 def set_resources(cg: Cgroup, res: dict[str, Any]) -> None:
     """The OCI LinuxResources that matter for a host process: memory, CPU and pids limits."""
@@ -148,15 +120,6 @@ def set_resources(cg: Cgroup, res: dict[str, Any]) -> None:
             _write(f"{cd}/cpu.cfs_quota_us", cpu["quota"])
     if (pd := cg.v1.get("pids")) and pids.get("limit"):
         _write(f"{pd}/pids.max", pids["limit"] if pids["limit"] > 0 else "max")
-
-
-def freeze(cg: Cgroup, frozen: bool) -> None:
-    if cg.v2:
-        _write(f"{cg.v2}/cgroup.freeze", 1 if frozen else 0)
-    elif fd := cg.v1.get("freezer"):
-        _write(f"{fd}/freezer.state", "FROZEN" if frozen else "THAWED")
-    else:
-        raise OSError("no freezer cgroup: cannot pause")
 
 
 async def remove(cg: Cgroup, attempts: int = 50, pause: float = 0.01) -> None:

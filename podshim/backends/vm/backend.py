@@ -265,19 +265,17 @@ class VMContainer(Container):
         try:
             if hold is not None:
                 # The pod's sandbox: the agent holds its namespaces, no pause container runs.
-                b.register(self.init)
-                resp = await b.call("hold", id=self.id, **hold)
-                self._created_in_guest = True
-                self.init.pid = int(resp["pid"])
-                b.registered_pid(self.init)
-                return
-            self._prepare_bundle(b.share)
-            wire = await self.init.open_stdio()
+                op, args, wire = "hold", hold, None
+            else:
+                self._prepare_bundle(b.share)
+                wire = await self.init.open_stdio()
+                op, args = "create", {"bundle": self.guest_dir, "stdio": wire}
             b.register(self.init)
-            resp = await b.call("create", id=self.id, bundle=self.guest_dir, stdio=wire)
+            resp = await b.call(op, id=self.id, **args)
             self._created_in_guest = True
             self.init.pid = int(resp["pid"])
-            self.init.stdio_created(wire)
+            if wire is not None:
+                self.init.stdio_created(wire)
             b.registered_pid(self.init)
         except BaseException:
             b.unregister(self.init)

@@ -165,7 +165,7 @@ def guest_spec(
             namespaces.append(ns)
         if "namespaces" in linux:
             linux["namespaces"] = namespaces
-        if ":" in str(linux.get("cgroupsPath") or ""):
+        if "cgroupsPath" in linux:
             linux["cgroupsPath"] = guest_cgroups_path(linux)
         linux.pop("mountLabel", None)
         linux.pop("seccompNotify", None)
