@@ -139,3 +139,15 @@ def test_a_spare_that_died_before_its_pod_is_reported_not_waited_for(tmp_path: P
 def test_bad_hold_requests_are_invalid_argument(req: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument):
         holder.parse(req)
+
+
+@pytest.mark.parametrize("path", ["/../../sys/fs/cgroup", "pods/../../escape", "/", ""])
+def test_a_sandbox_cgroup_path_that_leaves_the_guests_tree_is_refused(path: str) -> None:
+    from podshim.guest.containers import Container, Proc
+
+    c = Container(None, "sb", "", held=True)  # type: ignore[arg-type]  # no agent is reached
+    c.init = Proc(c, "", None)  # type: ignore[arg-type]
+    c.init.pid = 1
+    with pytest.raises(InvalidArgument, match="bad cgroups path"):
+        c.place_in_cgroup(path)
+    assert c.cgroup is None
